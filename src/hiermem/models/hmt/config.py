@@ -1,0 +1,105 @@
+"""HMTConfig: every hyper-parameter of the HMT wrapper, validated and saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from hiermem.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HMTConfig:
+    """Hierarchical Memory Transformer configuration (notation of arXiv 2405.06067).
+
+    segment_length: L, new tokens per segment.
+    sensory_length: k, tokens of the previous segment repeated before the current one.
+    summary_length: j, tokens read by the representation (summary) pass; default L // 2.
+    cache_size: N, memory embeddings kept for recall (paper: 300).
+    recall_dim: h, size of the recall query/key projections; default = backbone hidden size.
+    stage: 1 = RMT + sensory memory (recall off: P_n = m_{n-1}); 2 = full HMT.
+    use_memory: False turns memory off entirely (segments + sensory tokens only).
+    eviction: "fifo" or "attention" (evict the slot recall attended to least, EMA with eviction_decay).
+    bptt_depth: gradients flow through at most this many segments of memory; None = unlimited.
+    memory_projection: "none" (paper), "rmsnorm" or "linear" map from hidden state to memory embedding.
+    segment_bos: prepend BOS to every backbone call (Gemma-style models); None = decided by the backbone.
+    summary_batch: summary passes batched together (they do not depend on memory).
+    """
+
+    backbone: str = "smollm2-135m"
+    segment_length: int = 256
+    sensory_length: int = 32
+    summary_length: int | None = None
+    cache_size: int = 300
+    recall_dim: int | None = None
+    stage: int = 2
+    use_memory: bool = True
+    eviction: str = "fifo"
+    eviction_decay: float = 0.9
+    bptt_depth: int | None = None
+    memory_projection: str = "none"
+    segment_bos: bool | None = None
+    summary_batch: int = 8
+    backbone_fingerprint: dict = field(default_factory=dict)
+    model_type: str = "hmt"
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def summary_tokens(self) -> int:
+        return self.summary_length if self.summary_length is not None else max(1, self.segment_length // 2)
+
+    def validate(self) -> None:
+        def positive(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("segment_length", "cache_size", "summary_batch"):
+            positive(name)
+        for name in ("summary_length", "recall_dim", "bptt_depth"):
+            positive(name, allow_none=True)
+        if not isinstance(self.sensory_length, int) or self.sensory_length < 0:
+            raise ConfigError(f"sensory_length must be an integer >= 0, got {self.sensory_length!r}")
+        if self.sensory_length > self.segment_length:
+            raise ConfigError(f"sensory_length ({self.sensory_length}) cannot exceed segment_length "
+                              f"({self.segment_length}): it repeats tokens of the previous segment")
+        if self.summary_tokens > self.segment_length:
+            raise ConfigError(f"summary_length ({self.summary_tokens}) cannot exceed segment_length "
+                              f"({self.segment_length})")
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 (RMT + sensory memory) or 2 (full HMT), got {self.stage!r}")
+        if self.eviction not in ("fifo", "attention"):
+            raise ConfigError(f"eviction must be 'fifo' or 'attention', got {self.eviction!r}")
+        if not 0.0 <= self.eviction_decay < 1.0:
+            raise ConfigError(f"eviction_decay must be in [0, 1), got {self.eviction_decay}")
+        if self.memory_projection not in ("none", "rmsnorm", "linear"):
+            raise ConfigError(f"memory_projection must be 'none', 'rmsnorm' or 'linear', got "
+                              f"{self.memory_projection!r}")
+        if self.model_type != "hmt":
+            raise ConfigError(f"HMTConfig got model_type {self.model_type!r}")
+
+    def backbone_positions(self) -> int:
+        """Longest sequence the memory-encoding pass feeds the backbone."""
+        return int(bool(self.segment_bos)) + self.sensory_length + self.segment_length + 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HMTConfig":
+        """Build from JSON; missing fields take defaults, unknown fields are ignored with a warning."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            log.warning("ignoring unknown HMT config fields %s (saved by a newer hiermem?)", unknown)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def replace(self, **changes) -> "HMTConfig":
+        return dataclasses.replace(self, **changes)

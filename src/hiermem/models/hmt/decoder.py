@@ -1,0 +1,90 @@
+"""Incremental decoding with HMT memory: feed tokens, read next-token logits, forever.
+
+Within the current segment decoding reuses the backbone's KV cache over ``[P*, sensory, tokens]``.
+When the segment reaches L tokens it is folded into memory exactly as ``HMT.forward`` would (same
+summary, recall, encoding and memory update), the cache is dropped and a new segment begins, so
+output length is unbounded and memory use stays flat.
+
+P* for a segment in progress is recalled with the summary of the segment's tokens known when
+decoding inside it began (the full segment is not known yet); it stays fixed until the fold.
+``use_kv_cache=False`` recomputes the whole segment at every step: the slow reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hiermem.models.hmt.model import HMT
+from hiermem.models.hmt.state import HMTMemory
+
+
+class HMTDecoder:
+    """Stateful reader/writer over one HMT memory state (batch rows advance in lockstep)."""
+
+    def __init__(self, model: HMT, memory: HMTMemory | None = None, batch_size: int = 1,
+                 use_kv_cache: bool = True):
+        self.model = model
+        self.memory = memory if memory is not None else model.init_memory(batch_size)
+        self.use_kv_cache = use_kv_cache
+        b = self.memory.batch_size
+        self.current = torch.zeros(b, 0, dtype=torch.long, device=model.device)  # (B, c < L)
+        self.prompt = None  # P* of the current segment
+        self.past = None
+        self.last_logits: torch.Tensor | None = None  # (B, V)
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.memory.tokens + self.current.shape[1]
+
+    def stats(self) -> dict:
+        return {**self.memory.stats(), "tokens": self.tokens_seen,
+                "current_segment_tokens": self.current.shape[1]}
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Read ids (B, l >= 1); return logits (B, V) for the token after them."""
+        if ids.dim() == 1:
+            ids = ids[:, None]
+        if ids.shape[1] == 0:
+            raise ValueError("feed() needs at least one token")
+        L = self.model.config.segment_length
+        while ids.shape[1]:
+            take, ids = ids[:, :L - self.current.shape[1]], ids[:, L - self.current.shape[1]:]
+            self._extend(take)
+            if self.current.shape[1] == L:
+                self._fold()
+        return self.last_logits
+
+    def _start_segment(self, first: torch.Tensor) -> None:
+        model = self.model
+        if not model.config.use_memory:
+            self.prompt = None
+            return
+        summary = model.summarize(first) if model.needs_summary(self.memory) else None
+        self.prompt, _ = model.memory_prompt(summary, self.memory)
+
+    def _extend(self, take: torch.Tensor) -> None:
+        if self.current.shape[1] == 0:
+            self._start_segment(take)
+            self.past = None
+        self.current = torch.cat([self.current, take], dim=1)
+        if self.use_kv_cache:
+            h, _, self.past = self.model.encode(take, self.prompt, self.memory, past=self.past,
+                                                use_cache=True, close=False)
+        else:
+            h, _, _ = self.model.encode(self.current, self.prompt, self.memory, close=False)
+        self.last_logits = self.model.head(h[:, -1:]).squeeze(1).float()
+
+    def _fold(self) -> None:
+        """The segment is full: update memory exactly as forward() does."""
+        model, ids = self.model, self.current
+        summary = model.summarize(ids) if model.needs_summary(self.memory) else None
+        prompt, weights = model.memory_prompt(summary, self.memory) if model.config.use_memory else (None, None)
+        h, new_mem, _ = model.encode(ids, prompt, self.memory)
+        self.memory = model.update_memory(self.memory, ids, new_mem, weights)
+        self.last_logits = model.head(h[:, -1:]).squeeze(1).float()
+        self.current = self.current[:, :0]
+        self.prompt, self.past = None, None
+
+    def reset(self) -> None:
+        self.__init__(self.model, None, self.memory.batch_size, self.use_kv_cache)

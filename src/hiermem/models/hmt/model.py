@@ -1,0 +1,321 @@
+"""HMT: the Hierarchical Memory Transformer wrapper around a frozen (or LoRA/fine-tuned) causal LM.
+
+Per segment x_n (B, L), as in arXiv 2405.06067:
+  1. summary   S_n = h_last( [T, E(x_n[:, :j]), T] )                           (B, 1, d)
+  2. recall    P_n = softmax(S_n Wq (M Wk)^T / sqrt(h)) M   (stage 2; stage 1: P_n = m_{n-1})
+  3. encode    H = h( [P_n, E(sensory), E(x_n), P_n] ); logits = head(H[x positions])
+               m_n = proj(H[:, -1]) appended to the bank M (capacity N, FIFO or attention eviction)
+
+The backbone is reached through its ``base_model`` (for hidden states without the LM head) and
+``get_output_embeddings()`` (the head, applied only where logits are needed). Memory enters as
+``inputs_embeds``; no modeling code is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiermem.errors import CheckpointError, ConfigError
+from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
+from hiermem.memory.bank import MemoryBank, append, make_eviction
+from hiermem.memory.recall import CrossAttentionRecall, make_projection
+from hiermem.models.hmt.config import HMTConfig
+from hiermem.models.hmt.state import HMTMemory
+
+WEIGHTS_NAME = "memory.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class MemoryModelOutput:
+    """What every hiermem model returns from ``forward``.
+
+    loss: mean NLL over scored tokens (None without labels); num_tokens: how many were scored.
+    logits: (B, T, V) only when asked for; token_nll: (B, T-1) per-token NLL when asked for.
+    memory: the state after reading the input. recall: per-segment (segment index, sources (B, n),
+    weights (B, n)) when asked for.
+    """
+
+    loss: torch.Tensor | None
+    memory: HMTMemory
+    logits: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None
+    num_tokens: int = 0
+    recall: list | None = None
+
+
+def backbone_fingerprint(backbone: nn.Module) -> dict:
+    cfg = backbone.config
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
+
+
+class HMT(nn.Module):
+    """Wrap ``backbone`` (a HF *ForCausalLM) with hierarchical memory."""
+
+    def __init__(self, backbone: nn.Module, config: HMTConfig, bos_token_id: int | None = None):
+        super().__init__()
+        fp = backbone_fingerprint(backbone)
+        if config.backbone_fingerprint and config.backbone_fingerprint != fp:
+            raise CheckpointError(f"this HMT was built for a backbone {config.backbone_fingerprint}, "
+                                  f"but the backbone given is {fp}; load the backbone it names "
+                                  f"({config.backbone!r}) or retrain the memory")
+        config = config.replace(backbone_fingerprint=fp)
+        if config.segment_bos is None:
+            config = config.replace(segment_bos=fp["model_type"].startswith("gemma"))
+        max_pos = getattr(backbone.config, "max_position_embeddings", None)
+        if max_pos and config.backbone_positions() > max_pos:
+            raise ConfigError(f"segment_length + sensory_length + 2 = {config.backbone_positions()} "
+                              f"exceeds the backbone's {max_pos} positions; use shorter segments")
+        bos = bos_token_id if bos_token_id is not None else getattr(backbone.config, "bos_token_id", None)
+        if config.segment_bos and bos is None:
+            raise ConfigError("segment_bos is set but the backbone has no bos_token_id")
+        self.config = config
+        self.backbone = backbone
+        self.bos_token_id = bos
+        d = fp["hidden_size"]
+        emb = backbone.get_input_embeddings().weight.detach().float()
+        scale = float(getattr(backbone.get_input_embeddings(), "embed_scale", 1.0) or 1.0)
+        std, mean = float(emb.std()) * scale, emb.mean(0) * scale
+        weight = backbone.get_input_embeddings().weight
+        dtype, device = weight.dtype, weight.device
+        gen = torch.Generator().manual_seed(0)  # same init for the same backbone, whatever the RNG state
+        self.summary_prompt = nn.Parameter((mean + std * torch.randn(d, generator=gen)).view(1, 1, d))
+        self.initial_memory = nn.Parameter((mean + std * torch.randn(d, generator=gen)).view(1, 1, d))
+        self.recall = CrossAttentionRecall(d, config.recall_dim or d)
+        self.memory_projection = make_projection(config.memory_projection, d,
+                                                 float(emb.pow(2).mean().sqrt()) * scale)
+        self.eviction = make_eviction(config.eviction, config.eviction_decay)
+        self.to(device=device, dtype=dtype)
+
+    # --- backbone access -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.summary_prompt.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, l) -> input embeddings (B, l, d), scaling included (Gemma)."""
+        return self.backbone.get_input_embeddings()(ids)
+
+    def hidden(self, embeds: torch.Tensor, past=None, use_cache: bool = False):
+        """Last-layer hidden states (B, l, d) of the backbone body, and its KV cache."""
+        out = self.backbone.base_model(inputs_embeds=embeds, past_key_values=past, use_cache=use_cache)
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on hidden states (B, l, d) -> logits (B, l, V), with Gemma-style soft-capping."""
+        logits = self.backbone.get_output_embeddings()(h)
+        cap = getattr(self.backbone.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _bos(self, batch: int) -> list[torch.Tensor]:
+        if not self.config.segment_bos:
+            return []
+        ids = torch.full((batch, 1), self.bos_token_id, dtype=torch.long, device=self.device)
+        return [self.embed(ids)]
+
+    # --- memory -----------------------------------------------------------------------------
+    def init_memory(self, batch_size: int = 1) -> HMTMemory:
+        d = self.config.backbone_fingerprint["hidden_size"]
+        dtype = self.summary_prompt.dtype
+        return HMTMemory(bank=MemoryBank.empty(batch_size, d, self.device, dtype), last=None,
+                         sensory=torch.zeros(batch_size, 0, dtype=torch.long, device=self.device))
+
+    def memory_parameters(self) -> dict[str, nn.Parameter]:
+        """HMT's own parameters (T, initial memory, Wq, Wk, projection): the default trainables."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+
+    def summarize(self, heads: torch.Tensor) -> torch.Tensor:
+        """Representation encoding: segment ids (B, l) -> S (B, 1, d) from the first j tokens."""
+        heads = heads[:, :self.config.summary_tokens]
+        b = heads.shape[0]
+        t = self.summary_prompt.expand(b, 1, -1)
+        h, _ = self.hidden(torch.cat([*self._bos(b), t, self.embed(heads), t], dim=1))
+        return h[:, -1:]
+
+    def summarize_many(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Summaries of several segments, batched when their summary heads have equal length."""
+        j = self.config.summary_tokens
+        heads = [s[:, :j] for s in segments]  # each (B, <= j)
+        out: list[torch.Tensor | None] = [None] * len(heads)
+        by_len: dict[int, list[int]] = {}
+        for i, hd in enumerate(heads):
+            by_len.setdefault(hd.shape[1], []).append(i)
+        for idx in by_len.values():
+            stacked = torch.cat([heads[i] for i in idx], dim=0)  # (len(idx) * B, l)
+            s = self.summarize(stacked).split(heads[idx[0]].shape[0], dim=0)
+            for i, si in zip(idx, s):
+                out[i] = si
+        return out
+
+    def memory_prompt(self, summary: torch.Tensor | None, memory: HMTMemory):
+        """P_n (B, 1, d) and the recall weights (B, n) (None when recall was not used)."""
+        b = memory.batch_size
+        if self.config.stage == 1:
+            return (memory.last if memory.last is not None else self.initial_memory.expand(b, 1, -1)), None
+        if memory.bank.size == 0:
+            return self.initial_memory.expand(b, 1, -1), None
+        return self.recall(summary, memory.bank.embeddings)
+
+    def needs_summary(self, memory: HMTMemory) -> bool:
+        return self.config.use_memory and self.config.stage == 2 and memory.bank.size > 0
+
+    def encode(self, ids: torch.Tensor, prompt: torch.Tensor | None, memory: HMTMemory, past=None,
+               use_cache: bool = False, close: bool = True):
+        """Memory encoding pass over ``[bos?, P, E(sensory), E(ids), P]``.
+
+        With ``past`` (a KV cache of an earlier call on the same segment) only ``ids`` are fed.
+        ``close=False`` leaves out the trailing P (incremental decoding).
+        Returns hidden states at the ids positions (B, l, d), the new memory embedding (B, 1, d) or
+        None, and the KV cache.
+        """
+        b = ids.shape[0]
+        parts = []
+        if past is None:
+            parts += self._bos(b)
+            if prompt is not None:
+                parts.append(prompt)
+            if memory.sensory.shape[1]:
+                parts.append(self.embed(memory.sensory))
+        n_prefix = sum(p.shape[1] for p in parts)
+        parts.append(self.embed(ids))
+        closing = close and prompt is not None
+        if closing:
+            parts.append(prompt)
+        h, past = self.hidden(torch.cat(parts, dim=1), past=past, use_cache=use_cache)
+        h_ids = h[:, n_prefix:n_prefix + ids.shape[1]]
+        new_mem = self.memory_projection(h[:, -1:]) if closing else None
+        return h_ids, new_mem, past
+
+    def update_memory(self, memory: HMTMemory, ids: torch.Tensor, new_mem: torch.Tensor | None,
+                      weights: torch.Tensor | None) -> HMTMemory:
+        """Fold a finished segment into the state: bank, last embedding, sensory tokens, counters."""
+        bank, last = memory.bank, memory.last
+        if new_mem is not None:
+            if weights is not None:
+                bank = self.eviction.observe(bank, weights)
+            bank, _ = append(bank, new_mem, memory.segments, self.config.cache_size, self.eviction)
+            last = new_mem
+        k = self.config.sensory_length
+        sensory = torch.cat([memory.sensory, ids], dim=1)[:, -k:] if k else memory.sensory
+        state = HMTMemory(bank, last, sensory, memory.segments + 1, memory.tokens + ids.shape[1])
+        depth = self.config.bptt_depth
+        if depth is not None and state.segments % depth == 0:
+            state = state.detach()  # truncated BPTT: no gradient crosses this boundary
+        return state
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, memory: HMTMemory | None = None,
+                labels: torch.Tensor | None = None, return_logits: bool = True,
+                return_token_nll: bool = False, return_recall: bool = False,
+                loss_skip_segments: int = 0) -> MemoryModelOutput:
+        """Read ``input_ids`` (B, T) segment by segment, carrying ``memory``.
+
+        ``labels`` (B, T) follow the HF convention (shifted inside; -100 ignored): every token
+        but the first of this call is scored exactly once. ``loss_skip_segments`` leaves the
+        first segments out of the loss (memory warm-up). Without ``return_logits`` no logits are
+        kept, so memory use does not grow with T.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        cfg = self.config
+        memory = memory if memory is not None else self.init_memory(input_ids.shape[0])
+        if memory.batch_size != input_ids.shape[0]:
+            raise ValueError(f"memory holds {memory.batch_size} rows but input has {input_ids.shape[0]}")
+        L, T = cfg.segment_length, input_ids.shape[1]
+        bounds = [(s, min(s + L, T)) for s in range(0, T, L)]
+        nll_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        count, logits_out, nll_out, trace = 0, [], [], []
+        for block in range(0, len(bounds), cfg.summary_batch):
+            block_bounds = bounds[block:block + cfg.summary_batch]
+            segs = [input_ids[:, s:e] for s, e in block_bounds]
+            summaries = [None] * len(segs)
+            if cfg.use_memory and cfg.stage == 2:
+                first_needed = 0 if memory.bank.size > 0 else 1
+                if len(segs) > first_needed:
+                    summaries[first_needed:] = self.summarize_many(segs[first_needed:])
+            for i, ((s, e), ids) in enumerate(zip(block_bounds, segs)):
+                prompt, weights = self.memory_prompt(summaries[i], memory) if cfg.use_memory else (None, None)
+                h_ids, new_mem, _ = self.encode(ids, prompt, memory)
+                seg_index = block + i
+                if return_recall and weights is not None:
+                    trace.append((memory.segments, memory.bank.sources.clone(), weights.detach().float().cpu()))
+                memory = self.update_memory(memory, ids, new_mem, weights)
+                want_loss = labels is not None and seg_index >= loss_skip_segments
+                if not (return_logits or want_loss or return_token_nll):
+                    continue
+                logits = self.head(h_ids)  # (B, l, V)
+                if return_logits:
+                    logits_out.append(logits)
+                if labels is not None or return_token_nll:
+                    target = (labels if labels is not None else input_ids)[:, s + 1:e + 1]
+                    seg_logits = logits[:, :target.shape[1]].float()
+                    nll = F.cross_entropy(seg_logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+                    valid = target != -100
+                    nll = nll * valid
+                    if return_token_nll:
+                        nll_out.append(nll.detach())
+                    if want_loss:
+                        nll_sum = nll_sum + nll.sum()
+                        count += int(valid.sum())
+        loss = (nll_sum / max(count, 1)) if labels is not None else None
+        return MemoryModelOutput(
+            loss=loss, memory=memory, num_tokens=count,
+            logits=torch.cat(logits_out, dim=1) if return_logits else None,
+            token_nll=torch.cat(nll_out, dim=1) if return_token_nll else None,
+            recall=trace if return_recall else None)
+
+    # --- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, include_backbone_trainables: bool = True) -> None:
+        """Write ``config.json`` and ``memory.safetensors`` (HMT parameters, plus any trainable
+        backbone parameters such as LoRA adapters). The backbone itself is named, not stored."""
+        folder = Path(folder)
+        tensors = {n: p for n, p in self.memory_parameters().items()}
+        if include_backbone_trainables:
+            tensors.update({n: p for n, p in self.named_parameters() if n.startswith("backbone.") and p.requires_grad})
+        save_tensors(folder / WEIGHTS_NAME, tensors, {"fingerprint": self.config.backbone_fingerprint})
+        atomic_write_json(folder / CONFIG_NAME, self.config.to_dict())
+
+    def load_memory_weights(self, folder: str | Path) -> None:
+        tensors, _ = load_tensors(Path(folder) / WEIGHTS_NAME, self.device)
+        own = dict(self.named_parameters())
+        unknown = [k for k in tensors if k not in own]
+        missing = [k for k in self.memory_parameters() if k not in tensors]
+        if unknown or missing:
+            raise CheckpointError(f"{folder} does not match this HMT: missing {missing[:4]}, unexpected "
+                                  f"{unknown[:4]} (was it saved with other options, e.g. memory_projection or LoRA?)")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if own[k].shape != v.shape:
+                    raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+                own[k].copy_(v.to(own[k].dtype))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, backbone=None, device=None, dtype=None, **overrides) -> "HMT":
+        """Rebuild from a folder written by :meth:`save_pretrained`.
+
+        ``backbone``: a :class:`hiermem.Backbone` or HF model; default loads the one the config names.
+        ``overrides``: config fields to change at load time (e.g. ``eviction="attention"``).
+        """
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).exists():
+            raise CheckpointError(f"{folder} holds no {CONFIG_NAME}: not an HMT checkpoint folder")
+        config = HMTConfig.from_dict({**read_json(folder / CONFIG_NAME), **overrides})
+        bos = None
+        if backbone is None:
+            from hiermem.backbones import load_backbone
+
+            backbone = load_backbone(config.backbone, device=device, dtype=dtype)
+        if hasattr(backbone, "tokenizer"):
+            bos = getattr(backbone.tokenizer, "bos_token_id", None)
+            backbone = backbone.model
+        model = cls(backbone, config, bos_token_id=bos)
+        model.load_memory_weights(folder)
+        return model

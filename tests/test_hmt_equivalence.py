@@ -1,0 +1,95 @@
+"""HMT against the bare backbone, and whole-input against chunked calls with carried memory."""
+
+import pytest
+import torch
+
+from tiny import random_ids, tiny_backbone, tiny_hmt
+
+KINDS = ["llama", "qwen2", "gemma3", "gpt2", "opt"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_off_equals_backbone(kind):
+    """Memory off, no sensory tokens: each segment's logits are the backbone's on that chunk."""
+    model = tiny_hmt(kind, use_memory=False, sensory_length=0, segment_bos=False)
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        out = model(ids).logits
+        for s in range(0, 40, 16):
+            ref = model.backbone(ids[:, s:s + 16]).logits
+            torch.testing.assert_close(out[:, s:s + 16], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_off_single_segment_with_bos(kind):
+    """segment_bos: the wrapper's logits equal the backbone's on [BOS] + tokens."""
+    model = tiny_hmt(kind, use_memory=False, sensory_length=0, segment_bos=True)
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        out = model(ids).logits
+        ref = model.backbone(torch.cat([torch.ones(1, 1, dtype=torch.long), ids], 1)).logits[:, 1:]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_changes_outputs():
+    """With memory on, segments after the first see the past: logits differ from memory-off."""
+    on = tiny_hmt("llama")
+    off = tiny_hmt("llama", use_memory=False)
+    ids = random_ids(1, 48)
+    with torch.no_grad():
+        a, b = on(ids).logits, off(ids).logits
+    assert (a[:, 16:] - b[:, 16:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("stage,eviction", [(1, "fifo"), (2, "fifo"), (2, "attention")])
+def test_whole_equals_chunked(kind, stage, eviction):
+    """One call over 7 segments == 3 calls with the carried state (float64), logits and memory."""
+    model = tiny_hmt(kind, dtype=torch.float64, stage=stage, eviction=eviction, cache_size=3, summary_batch=3)
+    ids = random_ids(2, 7 * 16 + 5)
+    with torch.no_grad():
+        whole = model(ids, labels=ids, return_token_nll=True)
+        mem, parts, nlls = None, [], []
+        for s, e in [(0, 32), (32, 80), (80, ids.shape[1])]:
+            out = model(ids[:, s:e], memory=mem, return_token_nll=True)
+            mem = out.memory
+            parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mem.bank.embeddings, whole.memory.bank.embeddings, rtol=1e-10, atol=1e-10)
+    assert torch.equal(mem.bank.sources, whole.memory.bank.sources)
+    torch.testing.assert_close(mem.bank.usage, whole.memory.bank.usage)
+    assert torch.equal(mem.sensory, whole.memory.sensory)
+    assert (mem.segments, mem.tokens) == (8, ids.shape[1])
+    assert whole.memory.bank.size == 3
+
+
+def test_loss_matches_direct_computation():
+    """loss == mean token NLL recomputed from the logits; every token but the first scored once."""
+    model = tiny_hmt("llama")
+    ids = random_ids(2, 50)
+    with torch.no_grad():
+        out = model(ids, labels=ids, return_token_nll=True)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                            ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    assert out.num_tokens == 2 * 49 and out.token_nll.shape == (2, 49)
+
+
+def test_loss_skip_segments_and_ignore_index():
+    model = tiny_hmt("llama")
+    ids = random_ids(1, 48)
+    labels = ids.clone()
+    labels[:, 20:24] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels, loss_skip_segments=1)
+    # segment 0 covers targets 1..16 (skipped); segments 1-2 score targets 17..47 minus 4 ignored
+    assert out.num_tokens == 31 - 4
+
+
+def test_memory_stays_flat_without_logits():
+    """Reading 30 segments without logits keeps no per-segment tensors: bank is capped at N."""
+    model = tiny_hmt("llama", cache_size=4)
+    with torch.no_grad():
+        out = model(random_ids(1, 30 * 16), return_logits=False)
+    assert out.logits is None and out.memory.bank.size == 4
+    assert out.memory.bank.sources.tolist() == [[26, 27, 28, 29]]

@@ -1,0 +1,56 @@
+"""Tiny random backbones built in process (no downloads), for fast CPU tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+
+def tiny_backbone(kind: str = "llama", seed: int = 0, dtype=torch.float32):
+    """A 2-layer, hidden-32 causal LM of the given architecture family, in eval mode."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif kind == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                                  sliding_window=16, **common)
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, vocab_size=VOCAB,
+                            bos_token_id=1, eos_token_id=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "opt":
+        cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=32, max_position_embeddings=512, **common)
+        model = tf.OPTForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    model.config.use_cache = False
+    return model.to(dtype).eval()
+
+
+def tiny_hmt(kind: str = "llama", dtype=torch.float32, seed: int = 0, **config):
+    """HMT over a tiny backbone, with memory parameters randomised so they matter."""
+    from hiermem.models.hmt import HMT, HMTConfig
+
+    backbone = tiny_backbone(kind, seed=seed, dtype=dtype)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    defaults = dict(backbone=f"tiny-{kind}", segment_length=16, sensory_length=4, cache_size=5)
+    model = HMT(backbone, HMTConfig(**{**defaults, **config}))
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
