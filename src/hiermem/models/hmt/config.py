@@ -27,6 +27,8 @@ class HMTConfig:
     memory_projection: "none" (paper), "rmsnorm" or "linear" map from hidden state to memory embedding.
     segment_bos: prepend BOS to every backbone call (Gemma-style models); None = decided by the backbone.
     summary_batch: summary passes batched together (they do not depend on memory).
+    lora: LoRA adapters on the backbone, e.g. {"r": 8, "alpha": 16, "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"]}; None = backbone untouched.
     """
 
     backbone: str = "smollm2-135m"
@@ -43,6 +45,7 @@ class HMTConfig:
     memory_projection: str = "none"
     segment_bos: bool | None = None
     summary_batch: int = 8
+    lora: dict | None = None
     backbone_fingerprint: dict = field(default_factory=dict)
     model_type: str = "hmt"
 
@@ -82,6 +85,9 @@ class HMTConfig:
         if self.memory_projection not in ("none", "rmsnorm", "linear"):
             raise ConfigError(f"memory_projection must be 'none', 'rmsnorm' or 'linear', got "
                               f"{self.memory_projection!r}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict) or int(self.lora.get("r", 0)) < 1:
+                raise ConfigError(f"lora must be a dict with a positive 'r', got {self.lora!r}")
         if self.model_type != "hmt":
             raise ConfigError(f"HMTConfig got model_type {self.model_type!r}")
 

@@ -55,6 +55,21 @@ def backbone_fingerprint(backbone: nn.Module) -> dict:
             "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
 
 
+def add_lora(backbone: nn.Module, spec: dict) -> nn.Module:
+    """Inject LoRA adapters into ``backbone`` in place (PEFT); only the adapters are trainable."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:
+        raise ConfigError("LoRA needs PEFT: pip install 'hiermem[train]'") from exc
+    cfg = LoraConfig(r=int(spec["r"]), lora_alpha=int(spec.get("alpha", 2 * int(spec["r"]))),
+                     lora_dropout=float(spec.get("dropout", 0.0)),
+                     target_modules=spec.get("target_modules") or ["q_proj", "v_proj"])
+    try:
+        return inject_adapter_in_model(cfg, backbone)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA could not find target modules {cfg.target_modules} in the backbone: {exc}") from exc
+
+
 class HMT(nn.Module):
     """Wrap ``backbone`` (a HF *ForCausalLM) with hierarchical memory."""
 
@@ -76,6 +91,8 @@ class HMT(nn.Module):
         if config.segment_bos and bos is None:
             raise ConfigError("segment_bos is set but the backbone has no bos_token_id")
         self.config = config
+        if config.lora:
+            backbone = add_lora(backbone, config.lora)
         self.backbone = backbone
         self.bos_token_id = bos
         d = fp["hidden_size"]
