@@ -22,7 +22,9 @@ class HMTDecoder:
     """Stateful reader/writer over one HMT memory state (batch rows advance in lockstep)."""
 
     def __init__(self, model: HMT, memory: HMTMemory | None = None, batch_size: int = 1,
-                 use_kv_cache: bool = True):
+                 use_kv_cache: bool = True, last_logits: torch.Tensor | None = None):
+        """``memory``/``last_logits``: continue after ``HMT.forward`` on an input that ended on a
+        segment boundary (pass its ``out.memory`` and ``out.last_logits``)."""
         self.model = model
         self.memory = memory if memory is not None else model.init_memory(batch_size)
         self.use_kv_cache = use_kv_cache
@@ -30,7 +32,7 @@ class HMTDecoder:
         self.current = torch.zeros(b, 0, dtype=torch.long, device=model.device)  # (B, c < L)
         self.prompt = None  # P* of the current segment
         self.past = None
-        self.last_logits: torch.Tensor | None = None  # (B, V)
+        self.last_logits = None if last_logits is None else last_logits.float()  # (B, V)
 
     @property
     def tokens_seen(self) -> int:

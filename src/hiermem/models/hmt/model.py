@@ -47,6 +47,7 @@ class MemoryModelOutput:
     token_nll: torch.Tensor | None = None
     num_tokens: int = 0
     recall: list | None = None
+    last_logits: torch.Tensor | None = None  # (B, V) prediction for the token after the input
 
 
 def backbone_fingerprint(backbone: nn.Module) -> dict:
@@ -232,13 +233,14 @@ class HMT(nn.Module):
     def forward(self, input_ids: torch.Tensor, memory: HMTMemory | None = None,
                 labels: torch.Tensor | None = None, return_logits: bool = True,
                 return_token_nll: bool = False, return_recall: bool = False,
-                loss_skip_segments: int = 0) -> MemoryModelOutput:
+                loss_skip_segments: int = 0, on_segment=None) -> MemoryModelOutput:
         """Read ``input_ids`` (B, T) segment by segment, carrying ``memory``.
 
         ``labels`` (B, T) follow the HF convention (shifted inside; -100 ignored): every token
         but the first of this call is scored exactly once. ``loss_skip_segments`` leaves the
         first segments out of the loss (memory warm-up). Without ``return_logits`` no logits are
-        kept, so memory use does not grow with T.
+        kept, so memory use does not grow with T. ``on_segment(n_tokens)`` is called after each
+        segment (progress bars).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
@@ -249,7 +251,7 @@ class HMT(nn.Module):
         L, T = cfg.segment_length, input_ids.shape[1]
         bounds = [(s, min(s + L, T)) for s in range(0, T, L)]
         nll_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        count, logits_out, nll_out, trace = 0, [], [], []
+        count, logits_out, nll_out, trace, last_logits = 0, [], [], [], None
         for block in range(0, len(bounds), cfg.summary_batch):
             block_bounds = bounds[block:block + cfg.summary_batch]
             segs = [input_ids[:, s:e] for s, e in block_bounds]
@@ -265,10 +267,15 @@ class HMT(nn.Module):
                 if return_recall and weights is not None:
                     trace.append((memory.segments, memory.bank.sources.clone(), weights.detach().float().cpu()))
                 memory = self.update_memory(memory, ids, new_mem, weights)
+                if on_segment is not None:
+                    on_segment(e - s)
                 want_loss = labels is not None and seg_index >= loss_skip_segments
                 if not (return_logits or want_loss or return_token_nll):
+                    if e == T:
+                        last_logits = self.head(h_ids[:, -1:]).squeeze(1)
                     continue
                 logits = self.head(h_ids)  # (B, l, V)
+                last_logits = logits[:, -1]
                 if return_logits:
                     logits_out.append(logits)
                 if labels is not None or return_token_nll:
@@ -287,7 +294,7 @@ class HMT(nn.Module):
             loss=loss, memory=memory, num_tokens=count,
             logits=torch.cat(logits_out, dim=1) if return_logits else None,
             token_nll=torch.cat(nll_out, dim=1) if return_token_nll else None,
-            recall=trace if return_recall else None)
+            recall=trace if return_recall else None, last_logits=last_logits)
 
     # --- persistence ------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, include_backbone_trainables: bool = True) -> None:

@@ -1,0 +1,44 @@
+"""HMT on the real bundled SmolLM2-135M (short inputs so that CI stays fast)."""
+
+import pytest
+import torch
+
+from hiermem.backbones import load_backbone
+from hiermem.inference.generate import GenerationConfig, generate
+from hiermem.models.hmt import HMT, HMTConfig, HMTDecoder
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+        "that lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with "
+        "victorious wreaths; our bruised arms hung up for monuments; our stern alarums changed to merry "
+        "meetings, our dreadful marches to delightful measures.")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_backbone("smollm2-135m", device="cpu")
+
+
+def test_memory_off_equals_backbone(smol):
+    model = HMT(smol.model, HMTConfig(segment_length=128, sensory_length=0, use_memory=False))
+    ids = smol.tokenizer(TEXT, return_tensors="pt").input_ids[:, :100]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, smol.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_equals_whole_and_generation(smol):
+    model = HMT(smol.model, HMTConfig(segment_length=32, sensory_length=8, cache_size=4, eviction="attention"))
+    ids = smol.tokenizer(TEXT, return_tensors="pt").input_ids[:, :96]
+    with torch.no_grad():
+        whole = model(ids, labels=ids)
+        first = model(ids[:, :64])
+        second = model(ids[:, 64:], memory=first.memory)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole.logits, rtol=1e-3, atol=1e-3)
+    assert 1.0 < whole.loss.exp() < 1000
+    cfg = GenerationConfig(max_new_tokens=40, do_sample=False)
+    fast = generate(model, ids[:, :40], cfg, decoder=HMTDecoder(model))
+    slow = generate(model, ids[:, :40], cfg, decoder=HMTDecoder(model, use_kv_cache=False))
+    assert torch.equal(fast.tokens, slow.tokens)
+    assert fast.decoder.memory.segments == 2  # 80 tokens read: two folds of 32
+    assert isinstance(smol.tokenizer.decode(fast.tokens[0]), str)
