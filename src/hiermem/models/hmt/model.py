@@ -180,10 +180,13 @@ class HMT(nn.Module):
             return (memory.last if memory.last is not None else self.initial_memory.expand(b, 1, -1)), None
         if memory.bank.size == 0:
             return self.initial_memory.expand(b, 1, -1), None
+        if memory.bank.size == 1:  # softmax over one slot is 1 whatever the query: skip the summary
+            bank = memory.bank.embeddings
+            return bank, torch.ones(b, 1, dtype=bank.dtype, device=bank.device)
         return self.recall(summary, memory.bank.embeddings)
 
     def needs_summary(self, memory: HMTMemory) -> bool:
-        return self.config.use_memory and self.config.stage == 2 and memory.bank.size > 0
+        return self.config.use_memory and self.config.stage == 2 and memory.bank.size > 1
 
     def encode(self, ids: torch.Tensor, prompt: torch.Tensor | None, memory: HMTMemory, past=None,
                use_cache: bool = False, close: bool = True):
@@ -257,7 +260,8 @@ class HMT(nn.Module):
             segs = [input_ids[:, s:e] for s, e in block_bounds]
             summaries = [None] * len(segs)
             if cfg.use_memory and cfg.stage == 2:
-                first_needed = 0 if memory.bank.size > 0 else 1
+                # segment i of the block sees min(N, size + i) slots; recall needs >= 2 of them
+                first_needed = max(0, 2 - memory.bank.size) if cfg.cache_size > 1 else len(segs)
                 if len(segs) > first_needed:
                     summaries[first_needed:] = self.summarize_many(segs[first_needed:])
             for i, ((s, e), ids) in enumerate(zip(block_bounds, segs)):
