@@ -106,9 +106,11 @@ def append(bank: MemoryBank, memory: torch.Tensor, source: int, capacity: int, p
         evicted = bank.sources.gather(1, victims[:, None]).squeeze(1)
         bank = drop_slots(bank, victims)
     b = memory.shape[0]
-    n_new = bank.size + 1
     src = torch.full((b, 1), source, dtype=torch.long, device=bank.sources.device)
-    fresh = torch.full((b, 1), 1.0 / n_new, dtype=torch.float32, device=bank.usage.device)
+    if bank.size:  # a new slot starts at the mean usage of the others: neither favoured nor doomed
+        fresh = bank.usage.mean(dim=1, keepdim=True)
+    else:
+        fresh = torch.ones(b, 1, dtype=torch.float32, device=bank.usage.device)
     return MemoryBank(torch.cat([bank.embeddings, memory.to(bank.embeddings.dtype)], dim=1),
                       torch.cat([bank.sources, src], dim=1),
                       torch.cat([bank.usage, fresh], dim=1)), evicted
