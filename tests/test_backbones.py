@@ -41,6 +41,21 @@ def test_bad_specs(spec, match):
         load_backbone(spec)
 
 
+def test_hub_id_from_local_cache(tiny_folder, tmp_path, monkeypatch):
+    """A hub id resolves offline when its snapshot is already in the Hugging Face cache."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    snap = hub / "models--acme--tiny-lm" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_folder, snap)
+    (hub / "models--acme--tiny-lm" / "refs").mkdir()
+    (hub / "models--acme--tiny-lm" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    bb = load_backbone("acme/tiny-lm")
+    assert bb.config.model_type == "qwen2"
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(BackboneError, match="no config.json"):
         load_backbone(str(tmp_path))

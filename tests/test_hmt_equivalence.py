@@ -5,7 +5,7 @@ import torch
 
 from tiny import random_ids, tiny_backbone, tiny_hmt
 
-KINDS = ["llama", "qwen2", "gemma3", "gpt2", "opt"]
+KINDS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

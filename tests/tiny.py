@@ -20,6 +20,12 @@ def tiny_backbone(kind: str = "llama", seed: int = 0, dtype=torch.float32):
         cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, **common)
         model = tf.Qwen2ForCausalLM(cfg)
+    elif kind in ("qwen3", "mistral"):
+        cls_cfg, cls_model = ((tf.Qwen3Config, tf.Qwen3ForCausalLM) if kind == "qwen3"
+                              else (tf.MistralConfig, tf.MistralForCausalLM))
+        cfg = cls_cfg(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=512, **common)
+        model = cls_model(cfg)
     elif kind == "gemma3":
         cfg = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
