@@ -19,3 +19,7 @@ class CheckpointError(HiermemError):
 
 class DataError(HiermemError):
     """A data source is missing, empty or malformed."""
+
+
+class TrainingError(HiermemError):
+    """Training cannot go on (e.g. the loss keeps being non-finite)."""

@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 from pathlib import Path
 
 import torch
@@ -24,7 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -54,7 +61,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     try:
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(clean, tmp, metadata={"hiermem": json.dumps(metadata or {})})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
