@@ -19,7 +19,7 @@ def test_local_folder_loads_frozen(tiny_folder):
     bb = load_backbone(str(tiny_folder), device="cpu")
     assert bb.config.model_type == "qwen2"
     assert not any(p.requires_grad for p in bb.model.parameters())
-    assert bb.tokenizer("ab").input_ids == [68, 69]
+    assert bb.tokenizer("ab").input_ids == [69, 70]
     assert not bb.needs_bos
     trainable = load_backbone(str(tiny_folder), trainable=True)
     assert all(p.requires_grad for p in trainable.model.parameters())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tiny import random_ids, tiny_backbone, tiny_hmt
+from tiny import random_ids, tiny_hmt
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt"]
 
@@ -49,7 +49,7 @@ def test_whole_equals_chunked(kind, stage, eviction):
     ids = random_ids(2, 7 * 16 + 5)
     with torch.no_grad():
         whole = model(ids, labels=ids, return_token_nll=True)
-        mem, parts, nlls = None, [], []
+        mem, parts = None, []
         for s, e in [(0, 32), (32, 80), (80, ids.shape[1])]:
             out = model(ids[:, s:e], memory=mem, return_token_nll=True)
             mem = out.memory

@@ -42,15 +42,6 @@ class ScriptedHMT(HMT):
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(events=None, **config):
     backbone = tiny_backbone("llama")
     for p in backbone.parameters():

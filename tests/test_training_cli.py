@@ -27,15 +27,6 @@ WORDS = ("the of and to in memory segment long document read write model train t
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama + BPE tokenizer saved as a Hugging Face folder, and a folder of text documents."""

@@ -1,6 +1,8 @@
-"""Tiny random backbones built in process (no downloads), for fast CPU tests."""
+"""Tiny random backbones, tokenizers and checkpoints built in process (no downloads), for fast CPU tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import transformers as tf
@@ -62,13 +64,35 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
-def tiny_tokenizer():
-    """A real fast tokenizer over characters (ids < VOCAB), built in process."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """Character-level tokenizer over printable ASCII (ids < 128, matching the tiny backbones):
+    <pad>=0, <s>=1, </s>=2, <unk>=3."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model_folder(root: Path, chat_template: bool = True, **config) -> Path:
+    """A saved HMT checkpoint over a tiny llama backbone saved (with a tokenizer) next to it."""
+    from hiermem.models.hmt import HMT, HMTConfig
+
+    backbone = tiny_backbone("llama")
+    backbone.save_pretrained(root / "backbone")
+    tiny_tokenizer(chat_template).save_pretrained(root / "backbone")
+    cfg = HMTConfig(**{"backbone": str(root / "backbone"), "segment_length": 16, "sensory_length": 4,
+                       "cache_size": 5, **config})
+    HMT(backbone, cfg).save_pretrained(root / "model")
+    return root / "model"

@@ -1,9 +1,16 @@
-"""Token generation over any hiermem model's incremental decoder (memory carries past segments)."""
+"""Token generation over any hiermem model's incremental decoder (memory carries past segments).
+
+``generate`` reads a prompt through memory and decodes greedily, by sampling or by beam search;
+``TextStream`` turns tokens into text as they come (stop strings, partial characters);
+``select_rows`` / ``reorder_rows`` pick batch rows of a decoder's state (beams, forks).
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -12,7 +19,7 @@ from hiermem.errors import ConfigError
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings. ``do_sample=False`` is greedy."""
+    """Decoding settings. ``do_sample=False`` is greedy (``num_beams > 1``: beam search)."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -24,6 +31,8 @@ class GenerationConfig:
     seed: int | None = None
     eos_token_id: int | list[int] | None = None
     stop_strings: list[str] = field(default_factory=list)
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam scores are sum(log p) / length ** length_penalty
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -38,6 +47,12 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ConfigError("beam search is deterministic: use num_beams > 1 with do_sample=False")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
     @property
     def eos_ids(self) -> set[int]:
@@ -50,7 +65,73 @@ class GenerationConfig:
 class GenerationOutput:
     tokens: torch.Tensor  # (B, n) generated ids (prompt excluded)
     decoder: object  # the decoder, holding the memory after prompt + output
-    finish_reason: str  # "length", "eos" or "stop"
+    finish_reason: str  # "length", "eos", "stop" or "cancelled" (the first row's)
+    finish_reasons: list[str] = field(default_factory=list)  # one per row
+    text: list[str] | None = None  # per row, cut before any stop string (when ``decode`` is given)
+
+
+class TextStream:
+    """Incremental detokenizer: ``push(id)`` returns the new text that is safe to show.
+
+    Text that could still become a stop string is held back, as are incomplete characters
+    (byte-level tokens that split a UTF-8 sequence). ``text`` is everything up to the first stop
+    string; ``stopped`` tells whether one was found.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Iterable[str] = ()):
+        self.decode = decode
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self._prefix, self._read = 0, 0  # decode window: ids[_prefix:_read] already turned into text
+        self._raw = ""  # all decoded text
+        self._shown = 0  # characters of _raw handed out
+        self._stop_at = 0  # where the first stop string begins, once found
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._raw if not self.stopped else self._raw[:self._stop_at]
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._raw += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back (call once generation is over)."""
+        if not self.stopped and self._read < len(self.ids):
+            tail = self.decode(self.ids[self._prefix:])
+            self._raw += tail[len(self.decode(self.ids[self._prefix:self._read])):]
+            self._read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        raw = self._raw
+        if self.stop_strings and not self.stopped:
+            longest = max(map(len, self.stop_strings))
+            start = max(0, self._shown - longest)
+            hits = [i for i in (raw.find(s, start) for s in self.stop_strings) if i >= 0]
+            if hits:
+                self.stopped, self._stop_at = True, min(hits)
+                out, self._shown = raw[self._shown:self._stop_at], max(self._shown, self._stop_at)
+                return out
+        safe = len(raw)
+        if not final and not self.stopped:
+            for s in self.stop_strings:  # hold back a tail that may be the start of a stop string
+                for n in range(min(len(s) - 1, len(raw)), 0, -1):
+                    if raw.endswith(s[:n]):
+                        safe = min(safe, len(raw) - n)
+                        break
+        limit = self._stop_at if self.stopped else safe
+        out = raw[self._shown:limit] if limit > self._shown else ""
+        self._shown = max(self._shown, limit)
+        return out
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -94,42 +175,233 @@ def make_decoder(model, batch_size: int = 1, memory=None):
     return decoder_cls(model, memory=memory, batch_size=batch_size)
 
 
+# --- batch rows of a decoder's state ---------------------------------------------------------
+def _pick(value, idx: torch.Tensor, batch: int, copy_cache: bool):
+    """``value`` with its batch rows ``idx`` (B',) taken: tensors, state dataclasses, KV caches."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx.to(value.device)) if value.dim() and value.shape[0] == batch else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _pick(getattr(value, f.name), idx, batch, copy_cache)
+                                             for f in dataclasses.fields(value) if f.init})
+    if hasattr(value, "reorder_cache"):  # a transformers Cache: reordered in place
+        value = copy.deepcopy(value) if copy_cache else value
+        value.reorder_cache(idx.to(next((t.device for t in _cache_tensors(value)), idx.device)))
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pick(v, idx, batch, copy_cache) for v in value)
+    return value
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    layers = getattr(cache, "layers", [])
+    return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)]
+
+
+def _state_items(decoder):
+    return [(k, v) for k, v in vars(decoder).items() if not isinstance(v, torch.nn.Module)]
+
+
+def select_rows(decoder, idx: torch.Tensor):
+    """A new decoder holding rows ``idx`` (B',) of ``decoder``'s state (``decoder`` is untouched).
+
+    Repeating a row forks it (``idx = [0, 0, 0]`` turns one reader into three identical ones).
+    Decoders may define their own ``select_rows``; otherwise every tensor whose first dimension is
+    the batch, state dataclasses and transformers KV caches found in the decoder are indexed.
+    """
+    if hasattr(decoder, "select_rows"):
+        return decoder.select_rows(idx)
+    batch, new = decoder.memory.batch_size, copy.copy(decoder)
+    for name, value in _state_items(decoder):
+        setattr(new, name, _pick(value, idx, batch, copy_cache=True))
+    return new
+
+
+def reorder_rows(decoder, idx: torch.Tensor) -> None:
+    """Like :func:`select_rows` but in place, without copying the KV cache (beam search steps)."""
+    if hasattr(decoder, "reorder_rows"):
+        decoder.reorder_rows(idx)
+        return
+    batch = decoder.memory.batch_size
+    for name, value in _state_items(decoder):
+        setattr(decoder, name, _pick(value, idx, batch, copy_cache=False))
+
+
+def state_nbytes(decoder) -> int:
+    """Bytes held by a decoder's state: memory, partial segment and KV cache."""
+    seen, total = set(), 0
+
+    def visit(value):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            key = (value.untyped_storage().data_ptr(), value.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name))
+        elif hasattr(value, "reorder_cache"):
+            for t in _cache_tensors(value):
+                visit(t)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for _, value in _state_items(decoder):
+        visit(value)
+    return total
+
+
+# --- decoding --------------------------------------------------------------------------------
+def _first_logits(model, decoder, prompt_ids: torch.Tensor) -> torch.Tensor:
+    if prompt_ids.shape[1]:
+        return decoder.feed(prompt_ids.to(model.device))
+    if decoder.last_logits is not None:
+        return decoder.last_logits
+    raise ValueError("empty prompt and nothing read yet: give at least one prompt token")
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, cfg: GenerationConfig | None = None, decoder=None,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             decode: Callable[[list[int]], str] | None = None) -> GenerationOutput:
+             decode: Callable[[list[int]], str] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GenerationOutput:
     """Read ``prompt_ids`` (B, T) through memory, then generate up to ``max_new_tokens``.
 
     ``decoder``: an existing decoder to continue (its memory is kept); ``on_token`` is called with
-    each new token (B,) as it is produced (streaming). ``decode`` turns ids into text for stop strings.
+    each new token (B,) as it is produced (streaming; with beam search, once the best beam is
+    known). ``decode`` turns ids into text for stop strings and ``output.text``; ``min_new_tokens``
+    holds back EOS only, a stop string ends a row whenever it appears. ``should_stop``
+    is polled after every token: True ends generation cleanly (finish reason "cancelled") with the
+    decoder consistent, holding everything produced so far. A row stops at EOS or a stop string;
+    generation ends when every row has stopped.
     """
     cfg = cfg or GenerationConfig()
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
     decoder = decoder or make_decoder(model, batch_size=prompt_ids.shape[0])
+    if cfg.num_beams > 1:
+        return _beam_search(model, prompt_ids, cfg, decoder, on_token, decode, should_stop)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(cfg.seed)
-    if prompt_ids.shape[1]:
-        logits = decoder.feed(prompt_ids.to(model.device))
-    elif decoder.last_logits is not None:
-        logits = decoder.last_logits
-    else:
-        raise ValueError("empty prompt and nothing read yet: give at least one prompt token")
-    history, out, reason = prompt_ids.to(model.device), [], "length"
+    logits = _first_logits(model, decoder, prompt_ids)
+    b = logits.shape[0]
+    streams = [TextStream(decode, cfg.stop_strings) for _ in range(b)] if decode is not None else None
+    reasons: list[str | None] = [None] * b
+    filler = min(cfg.eos_ids) if cfg.eos_ids else None
+    history, out = prompt_ids.to(model.device), []
     for step in range(cfg.max_new_tokens):
         tok = next_token(logits, cfg, history, generator, allow_eos=step >= cfg.min_new_tokens)
+        done = torch.tensor([r is not None for r in reasons], device=tok.device)
+        if filler is not None and bool(done.any()):
+            tok = torch.where(done, torch.full_like(tok, filler), tok)  # finished rows idle on EOS
         out.append(tok)
         history = torch.cat([history, tok[:, None]], dim=1)
         if on_token is not None:
             on_token(tok)
         logits = decoder.feed(tok[:, None])  # memory always holds prompt + everything generated
-        if cfg.eos_ids and all(int(t) in cfg.eos_ids for t in tok):
-            reason = "eos"
+        for row, t in enumerate(tok.tolist()):
+            if reasons[row] is not None:
+                continue
+            if t in cfg.eos_ids:
+                reasons[row] = "eos"
+            elif streams is not None:
+                streams[row].push(t)
+                if streams[row].stopped:
+                    reasons[row] = "stop"
+        if all(r is not None for r in reasons):
             break
-        if cfg.stop_strings and decode is not None and step + 1 >= cfg.min_new_tokens:
-            text = decode(torch.stack(out, 1)[0].tolist())
-            if any(s in text for s in cfg.stop_strings):
-                reason = "stop"
+        if should_stop is not None and should_stop():
+            reasons = [r or "cancelled" for r in reasons]
+            break
+    reasons = [r or "length" for r in reasons]
+    if streams is not None:
+        for s in streams:
+            s.finish()
+    return GenerationOutput(tokens=torch.stack(out, dim=1), decoder=decoder, finish_reason=reasons[0],
+                            finish_reasons=reasons, text=[s.text for s in streams] if streams else None)
+
+
+def _beam_search(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, decode, should_stop):
+    """Beam search for one prompt; ``decoder`` ends holding prompt + the best hypothesis."""
+    if prompt_ids.shape[0] != 1:
+        raise ConfigError(f"beam search reads one prompt at a time, got a batch of {prompt_ids.shape[0]}")
+    nb, dev = cfg.num_beams, model.device
+    logits = _first_logits(model, decoder, prompt_ids)  # (1, V)
+    beams = select_rows(decoder, torch.zeros(nb, dtype=torch.long, device=dev))  # decoder stays as it is
+    logits = logits.expand(nb, -1)
+    scores = torch.full((nb,), float("-inf"), device=dev)
+    scores[0] = 0.0  # identical beams at the start: keep one live
+    seqs = torch.zeros(nb, 0, dtype=torch.long, device=dev)
+    prompt = prompt_ids.to(dev).expand(nb, -1)
+    finished: list[tuple[float, list[int], str]] = []
+    longest = max(map(len, cfg.stop_strings), default=0)
+    cancelled = False
+
+    def norm(score: float, length: int) -> float:
+        return score / (max(length, 1) ** cfg.length_penalty)
+
+    for step in range(cfg.max_new_tokens):
+        logp = apply_repetition_penalty(logits.float(), torch.cat([prompt, seqs], 1),
+                                        cfg.repetition_penalty).log_softmax(-1)  # (nb, V)
+        if step < cfg.min_new_tokens and cfg.eos_ids:
+            logp[:, list(cfg.eos_ids)] = float("-inf")
+        cand = (scores[:, None] + logp).view(-1)
+        top = cand.topk(min(2 * nb, cand.numel()))
+        rows, toks, new_scores = [], [], []
+        vocab = logp.shape[1]
+        for s, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if s == float("-inf"):
                 break
-    return GenerationOutput(tokens=torch.stack(out, dim=1), decoder=decoder, finish_reason=reason)
+            row, tok = divmod(flat, vocab)
+            seq = seqs[row].tolist() + [tok]
+            if tok in cfg.eos_ids:
+                finished.append((norm(s, len(seq)), seq, "eos"))
+                continue
+            if decode is not None and longest:
+                stream = TextStream(decode, cfg.stop_strings)
+                for t in seq[-(longest + 2):]:
+                    stream.push(t)
+                if stream.stopped:
+                    finished.append((norm(s, len(seq)), seq, "stop"))
+                    continue
+            rows.append(row), toks.append(tok), new_scores.append(s)
+            if len(rows) == nb:
+                break
+        finished.sort(key=lambda h: -h[0])
+        finished = finished[:nb]
+        if not rows:
+            break
+        if len(finished) == nb and norm(max(new_scores), step + 1) <= finished[-1][0]:
+            break  # no live beam can beat the worst kept hypothesis
+        while len(rows) < nb:  # pad with dead copies of the first live beam
+            rows.append(rows[0]), toks.append(toks[0]), new_scores.append(float("-inf"))
+        idx = torch.tensor(rows, device=dev)
+        reorder_rows(beams, idx)
+        tok_t = torch.tensor(toks, device=dev)
+        seqs = torch.cat([seqs.index_select(0, idx), tok_t[:, None]], 1)
+        scores = torch.tensor(new_scores, device=dev)
+        logits = beams.feed(tok_t[:, None])
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+    live = [(norm(float(s), seqs.shape[1]), seqs[i].tolist(), "cancelled" if cancelled else "length")
+            for i, s in enumerate(scores.tolist()) if s != float("-inf")]
+    best = max(finished + live, key=lambda h: h[0])
+    tokens = torch.tensor([best[1]], dtype=torch.long, device=dev)  # (1, n)
+    decoder.feed(tokens)  # the caller's decoder reads the chosen continuation
+    if on_token is not None:
+        for t in best[1]:
+            on_token(torch.tensor([t], device=dev))
+    text = None
+    if decode is not None:
+        stream = TextStream(decode, cfg.stop_strings)
+        for t in best[1]:
+            if t not in cfg.eos_ids:
+                stream.push(t)
+        stream.finish()
+        text = [stream.text]
+    return GenerationOutput(tokens=tokens, decoder=decoder, finish_reason=best[2], finish_reasons=[best[2]],
+                            text=text)
