@@ -1,0 +1,89 @@
+"""Quality table: ``hiermem eval`` on the Shakespeare test split, with the released HMT weights when present.
+
+Targets (DESIGN.md): HMT below the sliding-window backbone at equal segment length, and at least 10%
+below independent chunks. Without released weights the memory is untrained and the table says so.
+Results: ``results/quality.md`` plus ``results/quality/`` (results.json, CSV, diagnostics PNG).
+
+    python benchmarks/bench_quality.py                              # 5 documents x 8192 tokens
+    python benchmarks/bench_quality.py --documents 1 --max-tokens 2048 --no-recall   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, pick_device, print_header  # noqa: E402
+
+
+def target_lines(methods: dict) -> list[str]:
+    lines = []
+    for hmt in ("hmt-fifo", "hmt-attention"):
+        if hmt not in methods:
+            continue
+        h = methods[hmt]["ppl"]
+        if "sliding" in methods:
+            s = methods["sliding"]["ppl"]
+            lines.append(f"{hmt} {h:.2f} vs sliding window {s:.2f}: {100 * (h / s - 1):+.1f}% "
+                         f"(target below: {'met' if h < s else 'MISSED'})")
+        if "chunks" in methods:
+            c = methods["chunks"]["ppl"]
+            lines.append(f"{hmt} {h:.2f} vs chunks {c:.2f}: {100 * (h / c - 1):+.1f}% "
+                         f"(target <= -10%: {'met' if h <= 0.9 * c else 'MISSED'})")
+    return lines
+
+
+def main() -> None:
+    from hiermem.evaluation import report
+    from hiermem.evaluation.cli import evaluate
+    from hiermem.models import released_weights
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="default: the released weights, else untrained memory")
+    p.add_argument("--documents", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: window // 2)")
+    p.add_argument("--cache-size", type=int, default=None)
+    p.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the passkey and needle tasks")
+    p.add_argument("--recall-lengths", nargs="*", type=int, default=[1024, 4096])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    info = machine(device)
+    print_header("HMT quality benchmark", info)
+    weights = args.checkpoint or (f"released weights {released_weights().name}" if released_weights() else None)
+    print(f"checkpoint: {weights or 'none: untrained memory over the bundled backbone'}")
+    tasks = ("perplexity", "diagnostics") + (("passkey", "needle") if args.recall else ())
+    out = RESULTS / "quality"
+    evaluate(checkpoint=args.checkpoint, source="shakespeare", split="test", documents=args.documents,
+             max_tokens=args.max_tokens, tasks=tasks, stride=args.stride, cache_size=args.cache_size,
+             recall_lengths=tuple(args.recall_lengths), output=str(out), device=str(device))
+    res = json.loads((out / "results.json").read_text())
+    lines = target_lines(res["perplexity"]["methods"])
+    print("\n" + "\n".join(lines))
+    md = [f"# Quality: long-document perplexity on the Shakespeare test split\n\n`{info['command']}`\n",
+          f"Checkpoint: {weights or '**none: untrained memory** (no released weights installed)'}. Machine: "
+          f"{info['cpu']}, {info['torch_threads']} threads, {info.get('gpu', info['device'])}; "
+          f"{res['seconds']} s.\n", f"Settings: {json.dumps(res['perplexity']['settings'])}\n",
+          "```\n" + report.perplexity_table(res["perplexity"]) + "\n```\n", *(f"- {ln}" for ln in lines)]
+    if res.get("diagnostics"):
+        md += ["\n## Memory diagnostics\n", "```\n" + report.diagnostics_table(res["diagnostics"]) + "\n```\n",
+               "![recall distance and eviction ages](quality/memory_diagnostics.png)\n"]
+    if res.get("recall"):
+        md += ["\n## Recall tasks\n", "```\n" + report.recall_table(res["recall"]["summary"]) + "\n```\n"]
+    (RESULTS / "quality.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {RESULTS / 'quality.md'} and {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Evaluation output: terminal tables, JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from hiermem.io import atomic_write_bytes, atomic_write_json
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """Plain aligned table; floats with 2 decimals (4 significant digits below 1)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else (f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}")
+        return str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def segment_buckets(n: int) -> list[tuple[int, int]]:
+    """Segment index ranges 0, 1, 2-3, 4-7, ... covering 0..n-1."""
+    out, lo = [], 0
+    while lo < n:
+        hi = min(n, 1 if lo == 0 else 2 * lo)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _bucket(by_segment: list[dict], lo: int, hi: int) -> tuple[float, int]:
+    rows = [r for r in by_segment[lo:hi] if r["tokens"]]
+    tokens = sum(r["tokens"] for r in rows)
+    return (math.exp(sum(r["nll"] * r["tokens"] for r in rows) / tokens) if tokens else float("nan")), tokens
+
+
+def perplexity_table(result: dict) -> str:
+    """Methods x (overall, change vs chunks, segment-index buckets), plus a row of token counts."""
+    methods = result["methods"]
+    n = max(len(m["by_segment"]) for m in methods.values())
+    buckets = segment_buckets(n)
+    names = [f"seg {lo}" if hi - lo == 1 else f"seg {lo}-{hi - 1}" for lo, hi in buckets]
+    ref = methods.get("chunks", {}).get("ppl")
+    rows = []
+    for name, m in methods.items():
+        change = f"{100 * (m['ppl'] / ref - 1):+.1f}%" if ref else "-"
+        rows.append([name, m["ppl"], change, *(_bucket(m["by_segment"], lo, hi)[0] for lo, hi in buckets)])
+    first = next(iter(methods.values()))
+    rows.append(["tokens", first["tokens"], "", *(_bucket(first["by_segment"], lo, hi)[1] for lo, hi in buckets)])
+    return format_table(["method", "ppl", "vs chunks", *names], rows)
+
+
+def perplexity_rows(result: dict) -> list[dict]:
+    """Flat rows for CSV: one per method and segment index, plus segment 'all'."""
+    rows = []
+    for name, m in result["methods"].items():
+        rows.append({"method": name, "segment": "all", "ppl": m["ppl"], "nll": m["nll"], "tokens": m["tokens"]})
+        rows += [{"method": name, **r} for r in m["by_segment"]]
+    return rows
+
+
+def recall_table(summary: dict) -> str:
+    """(task, method) x accuracy by length, and overall."""
+    lengths = sorted({int(n) for t in summary.values() for m in t.values() for n in m["by_length"]})
+    rows = []
+    for task, methods in summary.items():
+        for method, m in methods.items():
+            by = {int(k): v for k, v in m["by_length"].items()}
+            rows.append([task, method, *(f"{by[n]['accuracy']:.0%} ({by[n]['samples']})" if n in by else "-"
+                                         for n in lengths), f"{m['accuracy']:.0%}"])
+    return format_table(["task", "method", *(f"{n} tok" for n in lengths), "all"], rows)
+
+
+def diagnostics_table(diag: dict) -> str:
+    rows = []
+    for method, d in diag.items():
+        r, e = d["recall"], d["eviction"]
+        rows.append([method, r.get("retrievals", 0), r.get("mean_distance", float("nan")),
+                     r.get("share_previous_segment", float("nan")), r.get("mean_top_weight", float("nan")),
+                     r.get("mean_normalised_entropy", float("nan")), e["evictions"],
+                     e.get("age_mean", float("nan")), e.get("kept_age_mean", float("nan"))])
+    return format_table(["method", "retrievals", "mean dist", "prev seg", "top weight", "entropy", "evictions",
+                         "evicted age", "kept age"], rows)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """Write dict rows (columns = union of keys, first-seen order) atomically."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return Path(path)
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    atomic_write_json(path, data)
+    return Path(path)
