@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import tempfile
 
@@ -19,6 +21,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hiermem.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def dataclass_from_dict(cls, data: dict, label: str):
+    """Build config dataclass ``cls`` from saved JSON: missing fields take their defaults (old
+    files), unknown fields are ignored with a warning (files from a newer version)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        log.warning("ignoring unknown %s fields %s (saved by a newer hiermem?)", label, unknown)
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

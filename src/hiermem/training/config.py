@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 
 from hiermem.errors import ConfigError
+from hiermem.io import dataclass_from_dict
 
-log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -109,11 +108,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """Build from saved JSON; missing fields take defaults, unknown ones are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            log.warning("ignoring unknown training config fields %s", unknown)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return dataclass_from_dict(cls, data, "training config")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

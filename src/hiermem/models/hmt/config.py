@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 
 from hiermem.errors import ConfigError
+from hiermem.io import dataclass_from_dict
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,11 +100,7 @@ class HMTConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HMTConfig":
         """Build from JSON; missing fields take defaults, unknown fields are ignored with a warning."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            log.warning("ignoring unknown HMT config fields %s (saved by a newer hiermem?)", unknown)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return dataclass_from_dict(cls, data, "HMT config")
 
     def replace(self, **changes) -> "HMTConfig":
         return dataclasses.replace(self, **changes)
