@@ -2,7 +2,10 @@
 
 Targets (DESIGN.md): HMT below the sliding-window backbone at equal segment length, and at least 10%
 below independent chunks. Without released weights the memory is untrained and the table says so.
-Results: ``results/quality.md`` plus ``results/quality/`` (results.json, CSV, diagnostics PNG).
+A second, smaller run compares FIFO and attention eviction with a cache small enough to fill
+(``--eviction-cache-size``; the trained N=300 never fills on these documents).
+Results: ``results/quality.{md,json}`` plus ``results/quality/`` and ``results/quality-eviction/``
+(results.json, CSV, diagnostics PNG). ``--render-only`` rewrites the markdown from them.
 
     python benchmarks/bench_quality.py                              # 5 documents x 8192 tokens
     python benchmarks/bench_quality.py --documents 1 --max-tokens 2048 --no-recall   # quick
@@ -39,8 +42,33 @@ def target_lines(methods: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+def render(meta: dict, res: dict, evict: dict | None = None) -> str:
+    """The markdown page from the run's description and ``hiermem eval``'s results.json."""
     from hiermem.evaluation import report
+
+    info, weights = meta["machine"], meta["checkpoint"]
+    md = [f"# Quality: long-document perplexity on the Shakespeare test split\n\n`{info['command']}`\n",
+          f"Checkpoint: {weights or '**none: untrained memory** (no released weights installed)'}. Machine: "
+          f"{info['cpu']}, {info['torch_threads']} threads, {info.get('gpu', info['device'])}; "
+          f"{res['seconds']} s.\n", f"Settings: {json.dumps(res['perplexity']['settings'])}\n",
+          "```\n" + report.perplexity_table(res["perplexity"]) + "\n```\n",
+          *(f"- {ln}" for ln in target_lines(res["perplexity"]["methods"]))]
+    if res.get("diagnostics"):
+        md += ["\n## Memory diagnostics\n", "```\n" + report.diagnostics_table(res["diagnostics"]) + "\n```\n",
+               "![recall distance and eviction ages](quality/memory_diagnostics.png)\n"]
+    if res.get("recall"):
+        md += ["\n## Recall tasks\n", "```\n" + report.recall_table(res["recall"]["summary"]) + "\n```\n"]
+    if evict:
+        n = evict["perplexity"]["settings"]["hmt-fifo"]["cache_size"]
+        md += [f"\n## FIFO vs attention eviction (cache size {n}, "
+               f"{evict['perplexity']['settings']['documents']} document(s))\n",
+               "```\n" + report.perplexity_table(evict["perplexity"]) + "\n```\n",
+               "```\n" + report.diagnostics_table(evict["diagnostics"]) + "\n```\n",
+               "![eviction ages](quality-eviction/memory_diagnostics.png)\n"]
+    return "\n".join(md) + "\n"
+
+
+def main() -> None:
     from hiermem.evaluation.cli import evaluate
     from hiermem.models import released_weights
 
@@ -55,7 +83,17 @@ def main() -> None:
     p.add_argument("--recall-lengths", nargs="*", type=int, default=[1024, 4096])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--eviction-cache-size", type=int, default=8, help="cache size of the eviction comparison (0: skip)")
+    p.add_argument("--eviction-documents", type=int, default=2)
+    p.add_argument("--render-only", action="store_true", help="rewrite quality.md from the last run's results")
     args = p.parse_args()
+    out, out_evict = RESULTS / "quality", RESULTS / "quality-eviction"
+    if args.render_only:
+        meta = json.loads((RESULTS / "quality.json").read_text())
+        evict = out_evict / "results.json"
+        (RESULTS / "quality.md").write_text(render(meta, json.loads((out / "results.json").read_text()),
+                                                   json.loads(evict.read_text()) if evict.exists() else None))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -64,25 +102,21 @@ def main() -> None:
     weights = args.checkpoint or (f"released weights {released_weights().name}" if released_weights() else None)
     print(f"checkpoint: {weights or 'none: untrained memory over the bundled backbone'}")
     tasks = ("perplexity", "diagnostics") + (("passkey", "needle") if args.recall else ())
-    out = RESULTS / "quality"
     evaluate(checkpoint=args.checkpoint, source="shakespeare", split="test", documents=args.documents,
              max_tokens=args.max_tokens, tasks=tasks, stride=args.stride, cache_size=args.cache_size,
              recall_lengths=tuple(args.recall_lengths), output=str(out), device=str(device))
+    evict = None
+    if args.eviction_cache_size:
+        evaluate(checkpoint=args.checkpoint, source="shakespeare", split="test", documents=args.eviction_documents,
+                 max_tokens=args.max_tokens, methods=("hmt-fifo", "hmt-attention"), tasks=("perplexity", "diagnostics"),
+                 cache_size=args.eviction_cache_size, output=str(out_evict), device=str(device))
+        evict = json.loads((out_evict / "results.json").read_text())
     res = json.loads((out / "results.json").read_text())
-    lines = target_lines(res["perplexity"]["methods"])
-    print("\n" + "\n".join(lines))
-    md = [f"# Quality: long-document perplexity on the Shakespeare test split\n\n`{info['command']}`\n",
-          f"Checkpoint: {weights or '**none: untrained memory** (no released weights installed)'}. Machine: "
-          f"{info['cpu']}, {info['torch_threads']} threads, {info.get('gpu', info['device'])}; "
-          f"{res['seconds']} s.\n", f"Settings: {json.dumps(res['perplexity']['settings'])}\n",
-          "```\n" + report.perplexity_table(res["perplexity"]) + "\n```\n", *(f"- {ln}" for ln in lines)]
-    if res.get("diagnostics"):
-        md += ["\n## Memory diagnostics\n", "```\n" + report.diagnostics_table(res["diagnostics"]) + "\n```\n",
-               "![recall distance and eviction ages](quality/memory_diagnostics.png)\n"]
-    if res.get("recall"):
-        md += ["\n## Recall tasks\n", "```\n" + report.recall_table(res["recall"]["summary"]) + "\n```\n"]
-    (RESULTS / "quality.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / 'quality.md'} and {out}/")
+    print("\n" + "\n".join(target_lines(res["perplexity"]["methods"])))
+    meta = {"machine": info, "checkpoint": weights}
+    (RESULTS / "quality.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (RESULTS / "quality.md").write_text(render(meta, res, evict))
+    print(f"wrote {RESULTS / 'quality.md'}, {RESULTS / 'quality.json'} and {out}/")
 
 
 if __name__ == "__main__":

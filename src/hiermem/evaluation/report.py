@@ -7,6 +7,7 @@ import io
 import math
 from pathlib import Path
 
+from hiermem.evaluation.perplexity import METHODS
 from hiermem.io import atomic_write_bytes, atomic_write_json
 
 
@@ -42,9 +43,15 @@ def _bucket(by_segment: list[dict], lo: int, hi: int) -> tuple[float, int]:
     return (math.exp(sum(r["nll"] * r["tokens"] for r in rows) / tokens) if tokens else float("nan")), tokens
 
 
+def _in_method_order(methods: dict) -> dict:
+    """The methods in the order of METHODS (JSON files written with sorted keys lose it)."""
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return dict(sorted(methods.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def perplexity_table(result: dict) -> str:
     """Methods x (overall, change vs chunks, segment-index buckets), plus a row of token counts."""
-    methods = result["methods"]
+    methods = _in_method_order(result["methods"])
     n = max(len(m["by_segment"]) for m in methods.values())
     buckets = segment_buckets(n)
     names = [f"seg {lo}" if hi - lo == 1 else f"seg {lo}-{hi - 1}" for lo, hi in buckets]
@@ -61,7 +68,7 @@ def perplexity_table(result: dict) -> str:
 def perplexity_rows(result: dict) -> list[dict]:
     """Flat rows for CSV: one per method and segment index, plus segment 'all'."""
     rows = []
-    for name, m in result["methods"].items():
+    for name, m in _in_method_order(result["methods"]).items():
         rows.append({"method": name, "segment": "all", "ppl": m["ppl"], "nll": m["nll"], "tokens": m["tokens"]})
         rows += [{"method": name, **r} for r in m["by_segment"]]
     return rows
