@@ -55,6 +55,21 @@ def test_eval_writes_table_json_csv_and_png(tiny, capsys):
     assert (out_dir / "recall.csv").exists() and (out_dir / "memory_diagnostics.png").stat().st_size > 10_000
 
 
+def test_eval_baseline_bos_flag(tiny, capsys):
+    root, ckpt = tiny
+    figures = {}
+    for flag in ("--baseline-bos", "--no-baseline-bos"):
+        out_dir = root / f"out{flag}"
+        rc, _, _ = run(["--checkpoint", str(ckpt), "--source", str(root / "docs"), "--split", "all", "--documents",
+                        "1", "--max-tokens", "100", "--methods", "chunks", "--tasks", "perplexity", flag,
+                        "--output", str(out_dir)], capsys)
+        assert rc == 0
+        res = json.loads((out_dir / "results.json").read_text())["perplexity"]
+        assert res["settings"]["baseline_bos"] is (flag == "--baseline-bos")
+        figures[flag] = res["methods"]["chunks"]["ppl"]
+    assert figures["--baseline-bos"] != pytest.approx(figures["--no-baseline-bos"], rel=1e-4)
+
+
 def test_eval_bad_input_gives_one_line_errors(tiny, capsys):
     root, ckpt = tiny
     common = ["--checkpoint", str(ckpt), "--tasks", "perplexity", "--output", ""]

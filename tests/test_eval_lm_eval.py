@@ -93,9 +93,12 @@ def test_all_request_types_match_direct_hmt_computation(assets, lm):
     assert res["results"]["hiermem_tiny_rolling"]["word_perplexity,none"] > 1
 
 
-def test_lm_eval_command_line_finds_the_hiermem_model(assets, tmp_path):
+@pytest.mark.parametrize("launcher", [[str(Path(sys.executable).with_name("hiermem-lm-eval"))],
+                                      [sys.executable, "-m", "hiermem.evaluation.lm_eval_adapter"]],
+                         ids=["console-script", "python-m"])
+def test_lm_eval_command_line_finds_the_hiermem_model(assets, tmp_path, launcher):
     ckpt, backbone, tasks = assets
-    cmd = [sys.executable, "-m", "hiermem.evaluation.lm_eval_adapter", "run", "--model", "hiermem",
+    cmd = [*launcher, "run", "--model", "hiermem",
            "--model_args", f"checkpoint={ckpt},backbone={backbone}", "--device", "cpu",
            "--tasks", "hiermem_tiny_rolling", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -122,6 +122,18 @@ def test_comparison_scores_same_tokens_and_memory_off_equals_chunks():
     assert [r["id"] for r in d["documents"]] == ["a", "b"]
 
 
+def test_chunks_with_bos_equal_memory_off_hmt_with_segment_bos():
+    """baseline BOS: chunks read [BOS, chunk], as HMT does with segment_bos and memory off."""
+    off = tiny_hmt("llama", dtype=torch.float64, use_memory=False, sensory_length=0, segment_bos=True)
+    docs = [TokenDocument("a", random_ids(1, 75, seed=2)[0])]
+    res = evaluate_perplexity({"hmt-fifo": off}, off.backbone, docs, ["chunks", "hmt-fifo"],
+                              bos_token_id=off.bos_token_id)
+    plain = evaluate_perplexity({}, off.backbone, docs, ["chunks"], segment_length=16)
+    assert res.settings["baseline_bos"] and not plain.settings["baseline_bos"]
+    assert res.tallies["hmt-fifo"].sums == pytest.approx(res.tallies["chunks"].sums, rel=1e-7)
+    assert res.tallies["chunks"].sums != pytest.approx(plain.tallies["chunks"].sums, rel=1e-3)
+
+
 def test_baselines_alone_need_a_segment_length():
     model = tiny_backbone("gpt2")
     docs = [TokenDocument("a", random_ids(1, 30)[0])]

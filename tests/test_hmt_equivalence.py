@@ -31,10 +31,23 @@ def test_memory_off_single_segment_with_bos(kind):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_default_puts_bos_before_the_memory_prompt():
+    """Unset segment_bos: with memory, every call reads [BOS, P, tokens, ...] (P off the attention
+    sink at position 0); without memory the backbone's input is left alone."""
+    model = tiny_hmt("llama")
+    assert model.config.segment_bos and not tiny_hmt("llama", use_memory=False).config.segment_bos
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        out = model(ids).logits
+        bos = model.embed(torch.full((1, 1), model.bos_token_id))
+        ref = model.backbone(inputs_embeds=torch.cat([bos, model.initial_memory, model.embed(ids)], 1)).logits
+    torch.testing.assert_close(out, ref[:, 2:], rtol=1e-5, atol=1e-5)
+
+
 def test_memory_changes_outputs():
     """With memory on, segments after the first see the past: logits differ from memory-off."""
     on = tiny_hmt("llama")
-    off = tiny_hmt("llama", use_memory=False)
+    off = tiny_hmt("llama", use_memory=False, segment_bos=True)
     ids = random_ids(1, 48)
     with torch.no_grad():
         a, b = on(ids).logits, off(ids).logits

@@ -33,6 +33,22 @@ def test_fold_matches_forward():
     assert dec.tokens_seen == 64
 
 
+def test_feeding_whole_segments_at_once_equals_piecewise():
+    """feed() folds whole segments with one forward pass; small pieces go through the KV cache
+    and _fold: both leave the same memory and next-token logits."""
+    model = tiny_hmt("llama", dtype=torch.float64, eviction="attention", cache_size=3)
+    L = model.config.segment_length
+    ids = random_ids(2, 3 * L + 5)
+    whole, pieces = HMTDecoder(model, batch_size=2), HMTDecoder(model, batch_size=2)
+    logits = whole.feed(ids)
+    for start in range(0, ids.shape[1], 7):
+        piece_logits = pieces.feed(ids[:, start:start + 7])
+    torch.testing.assert_close(whole.memory.bank.embeddings, pieces.memory.bank.embeddings)
+    torch.testing.assert_close(whole.memory.sensory, pieces.memory.sensory)
+    torch.testing.assert_close(logits, piece_logits)
+    assert whole.tokens_seen == pieces.tokens_seen == 3 * L + 5
+
+
 def test_generation_far_past_one_segment_is_flat():
     model = tiny_hmt("llama", cache_size=3)
     out = generate(model, random_ids(1, 5), GenerationConfig(max_new_tokens=200, do_sample=True, seed=3))

@@ -89,7 +89,7 @@ def test_cli_sigterm_then_resume_to_final(assets, tmp_path):
     assert f"resumed from {ckpt}" in done.stderr
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["stages"]["stage1"]["steps"] == stopped + 2 and summary["stages"]["stage2"]["steps"] == 5
-    assert summary["stages"]["stage2"]["segments"] == 3 and summary["stages"]["stage2"]["val_history"]
+    assert summary["stages"]["stage2"]["segments"] == 6 and summary["stages"]["stage2"]["val_history"]
     model = load_model(str(out / "final"), backbone=load_backbone(str(assets / "model")))
     assert model.config.stage == 2 and model.config.segment_length == 16
     # stage 2 starts from stage 1's weights and trains them further

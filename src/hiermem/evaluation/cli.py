@@ -24,8 +24,8 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
              methods: tuple[str, ...] = METHODS, tasks: tuple[str, ...] = EVAL_TASKS,
              window: int | None = None, stride: int | None = None, full_context: int | None = None,
              cache_size: int | None = None, recall_lengths: tuple[int, ...] = (1024, 4096),
-             recall_samples: int = 3, seed: int = 0, batch_size: int = 8, output: str | None = "eval-results",
-             device: str | None = None, dtype: str | None = None) -> int:
+             recall_samples: int = 3, seed: int = 0, batch_size: int = 8, baseline_bos: bool | None = None,
+             output: str | None = "eval-results", device: str | None = None, dtype: str | None = None) -> int:
     """Long-document perplexity of HMT against backbone baselines, recall tasks and memory diagnostics.
 
     Every method reads the same documents and scores the same tokens (each token but a document's
@@ -53,6 +53,8 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         recall_samples: samples per length and task
         seed: seed of the recall-task generators
         batch_size: windows per backbone call for the sliding baselines
+        baseline_bos: put BOS before every window of the backbone baselines (chunks, sliding, full
+            and the recall tasks' sliding window); unset: only for backbones that need it (Gemma)
         output: folder for JSON, CSV and PNG results ('' = terminal only)
         device: cpu, cuda, cuda:N; unset: CUDA when present
         dtype: float32, bfloat16, float16; unset: float32 on CPU, bfloat16 on CUDA
@@ -81,21 +83,25 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         docs = select_documents(all_docs, min_tokens=models.model.config.segment_length + 1,
                                 max_tokens=max_tokens, max_documents=documents)
         results.update(_perplexity(models, docs, methods, tasks, window=window, stride=stride,
-                                   full_context=full_context, batch_size=batch_size))
+                                   full_context=full_context, batch_size=batch_size, baseline_bos=baseline_bos))
     if samples:
-        results["recall"] = _recall(models, samples, window, seed)
+        results["recall"] = _recall(models, samples, window, seed, baseline_bos)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if output:
         _write(Path(output), results)
     return 0
 
 
-def _bos(models) -> int | None:
-    """BOS to put before every backbone window, for backbones that need it (Gemma)."""
-    return models.backbone.tokenizer.bos_token_id if models.backbone.needs_bos else None
+def _bos(models, baseline_bos: bool | None) -> int | None:
+    """BOS to put before every backbone window: when asked, else for backbones that need it (Gemma)."""
+    wanted = models.backbone.needs_bos if baseline_bos is None else baseline_bos
+    bos = models.backbone.tokenizer.bos_token_id
+    if wanted and bos is None:
+        raise ConfigError(f"baseline_bos is set but the backbone {models.backbone.spec!r} has no BOS token")
+    return bos if wanted else None
 
 
-def _perplexity(models, docs, methods, tasks, **options) -> dict:
+def _perplexity(models, docs, methods, tasks, baseline_bos: bool | None = None, **options) -> dict:
     """The perplexity comparison (and the diagnostics from its HMT traces), printed; their results."""
     cfg = models.model.config
     longest = max(int(d.ids.shape[0]) for d in docs)
@@ -103,7 +109,7 @@ def _perplexity(models, docs, methods, tasks, **options) -> dict:
         log.warning("no document outlasts the cache (%d segments of %d tokens): FIFO and attention eviction give "
                     "identical results; lower --cache-size to compare them", cfg.cache_size, cfg.segment_length)
     ppl = evaluate_perplexity(models.variants, models.backbone.model, docs, methods, cfg.segment_length,
-                              bos_token_id=_bos(models), recall="diagnostics" in tasks, **options)
+                              bos_token_id=_bos(models, baseline_bos), recall="diagnostics" in tasks, **options)
     out = {}
     if "perplexity" in tasks:
         out["perplexity"] = ppl.to_dict()
@@ -117,10 +123,10 @@ def _perplexity(models, docs, methods, tasks, **options) -> dict:
     return out
 
 
-def _recall(models, samples, window: int | None, seed: int) -> dict:
+def _recall(models, samples, window: int | None, seed: int, baseline_bos: bool | None = None) -> dict:
     """HMT against the sliding-window backbone on the recall samples, printed; the results."""
     tok, win = models.backbone.tokenizer, window or models.model.config.segment_length
-    eos, bos = tok.eos_token_id, _bos(models)
+    eos, bos = tok.eos_token_id, _bos(models, baseline_bos)
     answerers = {"hmt": lambda ids, n: hmt_greedy(models.model, ids, n, eos),
                  "sliding": lambda ids, n: sliding_greedy(models.backbone.model, ids, win, n, eos, bos)}
     res = run_recall(samples, answerers, tok)

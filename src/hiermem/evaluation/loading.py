@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -11,18 +10,13 @@ from hiermem.backbones import DEFAULT_BACKBONE, Backbone, load_backbone, resolve
 from hiermem.errors import DataError
 from hiermem.evaluation.perplexity import HMT_METHODS, TokenDocument
 from hiermem.io import read_json
-from hiermem.models import load_model, released_weights
+from hiermem.models import load_model, model_folder
 
 
 def checkpoint_config(checkpoint: str | None) -> dict:
     """The saved config of a checkpoint folder or released-weights name; {} for untrained memory."""
-    if checkpoint in (None, "default"):
-        folder = released_weights()
-    else:
-        folder = released_weights(checkpoint) or Path(checkpoint)
-    if folder is None or not (folder / "config.json").exists():
-        return {}  # load_model explains a wrong path; None means untrained memory
-    return read_json(folder / "config.json")
+    folder = model_folder(checkpoint)
+    return read_json(folder / "config.json") if folder is not None else {}
 
 
 @dataclass

@@ -256,10 +256,11 @@ def evaluate_perplexity(models: dict, backbone, docs: list[TokenDocument], metho
         log.info("document %d/%d %s (%d tokens): %s", d + 1, len(docs), doc.id, row["tokens"],
                  ", ".join(f"{m} {row[m]:.2f}" for m in methods))
     settings = {"segment_length": L, "window": window, "stride": stride, "full_context": full_context,
-                "documents": len(docs), "tokens_scored": tallies[methods[0]].tokens}
+                "baseline_bos": bos_token_id is not None, "documents": len(docs),
+                "tokens_scored": tallies[methods[0]].tokens}
     for m in methods:
         if m in HMT_METHODS:
             cfg = models[m].config
             settings[m] = {"stage": cfg.stage, "eviction": cfg.eviction, "cache_size": cfg.cache_size,
-                           "sensory_length": cfg.sensory_length}
+                           "sensory_length": cfg.sensory_length, "segment_bos": cfg.segment_bos}
     return PerplexityResult(tallies, per_doc, settings, traces)

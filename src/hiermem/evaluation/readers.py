@@ -9,16 +9,16 @@ from hiermem.inference.generate import GenerationConfig, generate, make_decoder
 
 @torch.no_grad()
 def read_prompt(model, ids: torch.Tensor):
-    """Read all whole segments of ``ids`` (B, T) but the last token's with one forward pass.
+    """Read all whole segments of ``ids`` (B, T) but the last token's into a fresh decoder.
 
-    Returns a decoder holding that memory and the ids left to feed it (B, >= 1). Equivalent to
-    feeding everything to a fresh decoder, which would encode each whole segment twice (once
-    token-wise, once when folding it into memory).
+    Returns the decoder and the ids left to feed it (B, >= 1).
     """
     L = model.config.segment_length
     k = (ids.shape[1] - 1) // L * L
-    memory = model(ids[:, :k], return_logits=False).memory if k else None
-    return make_decoder(model, batch_size=ids.shape[0], memory=memory), ids[:, k:]
+    decoder = make_decoder(model, batch_size=ids.shape[0])
+    if k:
+        decoder.feed(ids[:, :k])
+    return decoder, ids[:, k:]
 
 
 @torch.no_grad()

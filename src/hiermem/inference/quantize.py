@@ -303,7 +303,8 @@ def quantize(output: str, model: str | None = None, include_head: bool = True,
         alpha: smoothing strength in [0, 1] (0: none; 1: all of an outlier moves into the weights)
         calibration_file: text to measure activations on for smoothing (default: built-in English prose)
     """
-    from hiermem.inference.runtime import load_for_inference, model_folder
+    from hiermem.inference.runtime import load_for_inference
+    from hiermem.models import model_folder
 
     folder = model_folder(model)
     if folder is not None and is_quantized(folder):

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
-from hiermem.errors import CheckpointError, ConfigError
+from hiermem.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def model_folder(spec: str | None) -> Path | None:
-    """The checkpoint folder behind a model spec (None: no released weights, a fresh HMT)."""
-    from hiermem.models import DEFAULT_RELEASE, released_weights
-
-    if spec in (None, "default", DEFAULT_RELEASE):
-        return released_weights()
-    folder = released_weights(spec) or Path(spec).expanduser()
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{spec!r} is neither a checkpoint folder (with config.json) nor a released "
-                              "weights name; pass a folder written by `hiermem train` or `hiermem quantize`")
-    return folder
 
 
 def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str | None = None):
@@ -32,9 +18,14 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
 
     ``spec``: a checkpoint folder, a released-weights name, or None for the default model.
     """
-    from hiermem.backbones import DEFAULT_BACKBONE, load_backbone, resolve_device, resolve_dtype
+    from hiermem.backbones import (
+        DEFAULT_BACKBONE,
+        load_backbone,
+        resolve_device,
+        resolve_dtype,
+    )
     from hiermem.io import read_json
-    from hiermem.models import load_model
+    from hiermem.models import load_model, model_folder
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -487,7 +487,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         device: cpu, cuda or auto
         dtype: float32, bfloat16, float16 or auto
     """
-    from hiermem.inference.runtime import load_for_inference, model_folder
+    from hiermem.inference.runtime import load_for_inference
+    from hiermem.models import model_folder
 
     api_key = api_key or os.environ.get("HIERMEM_API_KEY") or None
     if host not in LOOPBACK and not api_key:

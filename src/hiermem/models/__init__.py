@@ -39,29 +39,37 @@ def released_weights(name: str = DEFAULT_RELEASE) -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+def model_folder(spec: str | Path | None) -> Path | None:
+    """The checkpoint folder behind a model spec: a folder, a released-weights name, or
+    ``None``/"default" (the default release; None when it is not installed).
+
+    CheckpointError when ``spec`` names neither a folder holding config.json nor a release.
+    """
+    if spec in (None, "default", DEFAULT_RELEASE):
+        return released_weights()
+    folder = released_weights(str(spec)) or Path(spec).expanduser()
+    if not (folder / "config.json").exists():
+        installed = ", ".join(p.name for p in WEIGHTS_ROOT.glob("*")) or "none installed"
+        raise CheckpointError(f"{str(spec)!r} is neither a checkpoint folder (with config.json) nor a released "
+                              f"weights name ({installed}); pass a folder written by `hiermem train` or "
+                              "`hiermem quantize`")
+    return folder
+
+
 def load_model(spec: str | None = None, backbone=None, device=None, dtype=None, **overrides):
     """Load a model from a checkpoint folder, a released-weights name, or ``None``/"default".
 
     ``None``/"default" uses the released HMT weights for the bundled backbone when they are
     installed, else a fresh (untrained) HMT over the bundled backbone.
     """
-    folder = None
-    if spec in (None, "default", DEFAULT_RELEASE):
-        folder = released_weights()
-        if folder is None:
-            from hiermem.backbones import DEFAULT_BACKBONE, load_backbone
-            from hiermem.models.hmt import HMT, HMTConfig
+    folder = model_folder(spec)
+    if folder is None:
+        from hiermem.backbones import DEFAULT_BACKBONE, load_backbone
+        from hiermem.models.hmt import HMT, HMTConfig
 
-            log.warning("no released HMT weights installed: using untrained memory")
-            bb = backbone or load_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype)
-            return HMT(bb.model, HMTConfig(**overrides), bos_token_id=bb.tokenizer.bos_token_id)
-    elif released_weights(spec) is not None:
-        folder = released_weights(spec)
-    else:
-        folder = Path(spec)
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{spec!r} is neither a checkpoint folder (with config.json) nor a released "
-                              f"weights name ({', '.join(p.name for p in WEIGHTS_ROOT.glob('*')) or 'none installed'})")
+        log.warning("no released HMT weights installed: using untrained memory")
+        bb = backbone or load_backbone(DEFAULT_BACKBONE, device=device, dtype=dtype)
+        return HMT(bb.model, HMTConfig(**overrides), bos_token_id=bb.tokenizer.bos_token_id)
     model_type = read_json(folder / "config.json").get("model_type", "hmt")
     model_cls, _, _ = model_classes(model_type)
     return model_cls.from_pretrained(folder, backbone=backbone, device=device, dtype=dtype, **overrides)

@@ -42,7 +42,7 @@ def train(
     steps: int | None = None,
     stage1_steps: int = 150,
     stage2_steps: int = 150,
-    stage2_segments: int = 3,
+    stage2_segments: int = 6,
     batch_size: int = 1,
     grad_accum: int = 1,
     lr: float = 1e-3,
@@ -66,6 +66,7 @@ def train(
     eviction: Literal["fifo", "attention"] = "fifo",
     bptt_depth: int | None = None,
     memory_projection: Literal["none", "rmsnorm", "linear"] = "none",
+    segment_bos: bool | None = None,
     eval_every: int = 50,
     eval_batches: int = 16,
     save_every: int = 25,
@@ -136,6 +137,8 @@ def train(
         eviction: HMT memory eviction policy
         bptt_depth: truncate backpropagation through memory after this many segments
         memory_projection: map from hidden state to memory embedding
+        segment_bos: start every backbone call with BOS (unset: on when the backbone has a BOS token,
+            so the memory embedding does not take the attention-sink position 0)
         eval_every: steps between validations (0 = only at the end)
         eval_batches: validation batches per evaluation
         save_every: steps between checkpoints (0 = only at the end)
@@ -166,7 +169,8 @@ def train(
                   wandb_run_name=wandb_run_name)
     stage_cfg = [TrainConfig(steps=n, **common) if n else None for n in (stage1_steps, stage2_steps)]
     model = dict(segment_length=segment_length, sensory_length=sensory_length, cache_size=cache_size,
-                 eviction=eviction, bptt_depth=bptt_depth, memory_projection=memory_projection)
+                 eviction=eviction, bptt_depth=bptt_depth, memory_projection=memory_projection,
+                 segment_bos=segment_bos)
     if trainable == "lora":
         model["lora"] = {"r": lora_r, "alpha": lora_alpha, "target_modules": list(lora_targets)}
     data = dict(text_column=text_column, prompt_column=prompt_column, completion_column=completion_column,

@@ -52,7 +52,7 @@ class HMTRecipe:
     model: dict = field(default_factory=dict)
     stage1: TrainConfig | None = field(default_factory=TrainConfig)
     stage2: TrainConfig | None = field(default_factory=TrainConfig)
-    stage2_segments: int = 3
+    stage2_segments: int = 6
     straddle: bool = False
     init: str | None = None
     device: str | None = None

@@ -24,7 +24,8 @@ class HMTConfig:
     eviction: "fifo" or "attention" (evict the slot recall attended to least, EMA with eviction_decay).
     bptt_depth: gradients flow through at most this many segments of memory; None = unlimited.
     memory_projection: "none" (paper), "rmsnorm" or "linear" map from hidden state to memory embedding.
-    segment_bos: prepend BOS to every backbone call (Gemma-style models); None = decided by the backbone.
+    segment_bos: prepend BOS to every backbone call; None = decided by the backbone: on with memory
+        (P must not take the attention-sink position 0) or for Gemma, off for memory-less runs.
     summary_batch: summary passes batched together (they do not depend on memory).
     lora: LoRA adapters on the backbone, e.g. {"r": 8, "alpha": 16, "dropout": 0.0,
         "target_modules": ["q_proj", "v_proj"]}; None = backbone untouched.

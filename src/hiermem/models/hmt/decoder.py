@@ -51,6 +51,13 @@ class HMTDecoder:
             raise ValueError("feed() needs at least one token")
         L = self.model.config.segment_length
         while ids.shape[1]:
+            if self.current.shape[1] == 0 and ids.shape[1] >= L:
+                # whole segments: one forward pass folds them (token-wise reading would encode each twice)
+                k = ids.shape[1] // L * L
+                out = self.model(ids[:, :k], memory=self.memory, return_logits=False)
+                self.memory, self.last_logits = out.memory, out.last_logits.float()
+                ids = ids[:, k:]
+                continue
             take, ids = ids[:, :L - self.current.shape[1]], ids[:, L - self.current.shape[1]:]
             self._extend(take)
             if self.current.shape[1] == L:
