@@ -42,7 +42,7 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         text_column: text column of table and hf: sources
         documents: how many documents (the first ones longer than one segment)
         max_tokens: cut each document to its first N tokens (perplexity)
-        methods: perplexity methods: chunks, sliding, full, rmt, hmt-fifo, hmt-attention
+        methods: perplexity methods: chunks, sliding, full, sensory, rmt, hmt-fifo, hmt-attention
         tasks: what to run: perplexity, passkey, needle, diagnostics
         window: sliding-window length in tokens; unset: the HMT segment length
         stride: sliding-window stride; unset: window // 2
@@ -65,7 +65,7 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         raise ConfigError(f"unknown task(s) {unknown or tasks}; choose among {', '.join(EVAL_TASKS)}")
     methods = check_methods(methods)
     if "diagnostics" in tasks and "perplexity" not in tasks:
-        methods = [m for m in HMT_METHODS if HMT_METHODS[m]["stage"] == 2]  # traces come from their pass
+        methods = [m for m in HMT_METHODS if HMT_METHODS[m].get("stage") == 2]  # traces come from their pass
     overrides = {"cache_size": cache_size} if cache_size is not None else {}
     started = time.perf_counter()
     models = load_eval_models(checkpoint, backbone, methods, device=device, dtype=dtype, **overrides)

@@ -14,6 +14,8 @@ Methods:
   ``stride = W`` is ``chunks``; ``stride = 1`` gives every token a full window.
 - ``full``: the backbone with all previous tokens up to ``full_context`` (default: its maximum
   positions), in independent blocks of that length.
+- ``sensory``: the HMT checkpoint with memory off: each segment read after the last k tokens of the
+  previous one (sensory memory alone, the ablation that shows what the memory embedding adds).
 - ``rmt``: HMT stage 1 (RMT + sensory memory); ``hmt-fifo`` / ``hmt-attention``: HMT stage 2 with
   FIFO or attention-based eviction.
 """
@@ -32,7 +34,7 @@ from hiermem.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 BACKBONE_METHODS = ("chunks", "sliding", "full")
-HMT_METHODS = {"rmt": {"stage": 1}, "hmt-fifo": {"stage": 2, "eviction": "fifo"},
+HMT_METHODS = {"sensory": {"use_memory": False}, "rmt": {"stage": 1}, "hmt-fifo": {"stage": 2, "eviction": "fifo"},
                "hmt-attention": {"stage": 2, "eviction": "attention"}}
 METHODS = BACKBONE_METHODS + tuple(HMT_METHODS)
 
@@ -261,6 +263,6 @@ def evaluate_perplexity(models: dict, backbone, docs: list[TokenDocument], metho
     for m in methods:
         if m in HMT_METHODS:
             cfg = models[m].config
-            settings[m] = {"stage": cfg.stage, "eviction": cfg.eviction, "cache_size": cfg.cache_size,
+            settings[m] = {"use_memory": cfg.use_memory, "stage": cfg.stage, "eviction": cfg.eviction, "cache_size": cfg.cache_size,
                            "sensory_length": cfg.sensory_length, "segment_bos": cfg.segment_bos}
     return PerplexityResult(tallies, per_doc, settings, traces)
