@@ -102,7 +102,7 @@ def demo(tokens: int = 4096, document: str | None = None, model: str | None = No
           f"cache {hmt.config.cache_size}, stage {hmt.config.stage})")
     load_s = time.perf_counter() - t0
 
-    chunks = HMT(bb.model, hmt.config.replace(use_memory=False, sensory_length=0, lora=None))
+    chunks = HMT(bb.model, hmt.config.replace(use_memory=False, sensory_length=0, lora=None, segment_bos=None))
     results = {}
     with torch.inference_mode():
         for name, m in (("backbone (chunks)", chunks), ("HMT", hmt)):
