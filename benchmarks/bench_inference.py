@@ -37,7 +37,8 @@ from common import (RESULTS, RssPeak, benchmark_tokens, machine, markdown_table,
                     print_header, run_worker, sync, write_results)
 
 METHODS = ("hmt", "chunks", "sliding", "full")
-HMT_CONFIG = dict(segment_length=222, sensory_length=32, cache_size=300, stage=2, eviction="fifo")
+# the public code's configuration: 256 backbone positions per segment = 222 + 32 sensory + 2 memory, no BOS
+HMT_CONFIG = dict(segment_length=222, sensory_length=32, cache_size=300, stage=2, eviction="fifo", segment_bos=False)
 CHUNK, STRIDE = 256, 128
 PUBLIC_HMT_TOK_S = 164.0
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RssPeak, benchmark_tokens, machine, markdown_table, pick_device,  # noqa: E402
                     print_header, run_worker, sync, write_results)
 
-HMT_CONFIG = dict(segment_length=222, sensory_length=32, cache_size=300, stage=2, eviction="fifo")
+# the public code's configuration: 256 backbone positions per segment = 222 + 32 sensory + 2 memory, no BOS
+HMT_CONFIG = dict(segment_length=222, sensory_length=32, cache_size=300, stage=2, eviction="fifo", segment_bos=False)
 PUBLIC = {2: {"window_tok_s": 76.0, "step_s": 5.9}, 4: {"window_tok_s": 77.0, "step_s": 11.6}}
 LOOPS = ("trainer", "manual")
 
