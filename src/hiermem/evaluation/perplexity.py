@@ -34,8 +34,8 @@ from hiermem.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 BACKBONE_METHODS = ("chunks", "sliding", "full")
-HMT_METHODS = {"sensory": {"use_memory": False}, "rmt": {"stage": 1}, "hmt-fifo": {"stage": 2, "eviction": "fifo"},
-               "hmt-attention": {"stage": 2, "eviction": "attention"}}
+HMT_METHODS = {"sensory": {"use_memory": False}, "rmt": {"stage": 1},
+               "hmt-fifo": {"stage": 2, "eviction": "fifo"}, "hmt-attention": {"stage": 2, "eviction": "attention"}}
 METHODS = BACKBONE_METHODS + tuple(HMT_METHODS)
 
 
@@ -263,6 +263,7 @@ def evaluate_perplexity(models: dict, backbone, docs: list[TokenDocument], metho
     for m in methods:
         if m in HMT_METHODS:
             cfg = models[m].config
-            settings[m] = {"use_memory": cfg.use_memory, "stage": cfg.stage, "eviction": cfg.eviction, "cache_size": cfg.cache_size,
-                           "sensory_length": cfg.sensory_length, "segment_bos": cfg.segment_bos}
+            settings[m] = {"use_memory": cfg.use_memory, "stage": cfg.stage, "eviction": cfg.eviction,
+                           "cache_size": cfg.cache_size, "sensory_length": cfg.sensory_length,
+                           "segment_bos": cfg.segment_bos}
     return PerplexityResult(tallies, per_doc, settings, traces)

@@ -18,12 +18,7 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
 
     ``spec``: a checkpoint folder, a released-weights name, or None for the default model.
     """
-    from hiermem.backbones import (
-        DEFAULT_BACKBONE,
-        load_backbone,
-        resolve_device,
-        resolve_dtype,
-    )
+    from hiermem.backbones import DEFAULT_BACKBONE, load_backbone, resolve_device, resolve_dtype
     from hiermem.io import read_json
     from hiermem.models import load_model, model_folder
 
