@@ -44,7 +44,7 @@ def public_supervised(segments: int) -> float:
 
 def manual_steps(model, windows: list[torch.Tensor], device) -> tuple[float, int]:
     """Seconds and supervised tokens of plain training steps over ``windows`` (each (1, T))."""
-    params = list(model.memory_parameters().values())
+    params = [p for n, p in model.named_parameters() if n in set(model.trainable_names())]
     opt = torch.optim.AdamW(params, lr=1e-4)
     seconds, tokens = 0.0, 0
     for ids in windows:

@@ -64,16 +64,16 @@ def test_whole_equals_chunked(kind, stage, eviction):
         whole = model(ids, labels=ids, return_token_nll=True)
         mem, parts = None, []
         for s, e in [(0, 32), (32, 80), (80, ids.shape[1])]:
-            out = model(ids[:, s:e], memory=mem, return_token_nll=True)
-            mem = out.memory
+            out = model(ids[:, s:e], state=mem, return_token_nll=True)
+            mem = out.state
             parts.append(out.logits)
     torch.testing.assert_close(torch.cat(parts, 1), whole.logits, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(mem.bank.embeddings, whole.memory.bank.embeddings, rtol=1e-10, atol=1e-10)
-    assert torch.equal(mem.bank.sources, whole.memory.bank.sources)
-    torch.testing.assert_close(mem.bank.usage, whole.memory.bank.usage)
-    assert torch.equal(mem.sensory, whole.memory.sensory)
+    torch.testing.assert_close(mem.bank.embeddings, whole.state.bank.embeddings, rtol=1e-10, atol=1e-10)
+    assert torch.equal(mem.bank.sources, whole.state.bank.sources)
+    torch.testing.assert_close(mem.bank.usage, whole.state.bank.usage)
+    assert torch.equal(mem.sensory, whole.state.sensory)
     assert (mem.segments, mem.tokens) == (8, ids.shape[1])
-    assert whole.memory.bank.size == 3
+    assert whole.state.bank.size == 3
 
 
 def test_loss_matches_direct_computation():
@@ -104,5 +104,5 @@ def test_memory_stays_flat_without_logits():
     model = tiny_hmt("llama", cache_size=4)
     with torch.no_grad():
         out = model(random_ids(1, 30 * 16), return_logits=False)
-    assert out.logits is None and out.memory.bank.size == 4
-    assert out.memory.bank.sources.tolist() == [[26, 27, 28, 29]]
+    assert out.logits is None and out.state.bank.size == 4
+    assert out.state.bank.sources.tolist() == [[26, 27, 28, 29]]

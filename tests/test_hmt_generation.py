@@ -28,7 +28,7 @@ def test_fold_matches_forward():
     logits = dec.feed(ids[:, 10:])
     with torch.no_grad():
         out = model(ids)
-    torch.testing.assert_close(dec.memory.bank.embeddings, out.memory.bank.embeddings)
+    torch.testing.assert_close(dec.state.bank.embeddings, out.state.bank.embeddings)
     torch.testing.assert_close(logits, out.logits[:, -1].float())
     assert dec.tokens_seen == 64
 
@@ -43,8 +43,8 @@ def test_feeding_whole_segments_at_once_equals_piecewise():
     logits = whole.feed(ids)
     for start in range(0, ids.shape[1], 7):
         piece_logits = pieces.feed(ids[:, start:start + 7])
-    torch.testing.assert_close(whole.memory.bank.embeddings, pieces.memory.bank.embeddings)
-    torch.testing.assert_close(whole.memory.sensory, pieces.memory.sensory)
+    torch.testing.assert_close(whole.state.bank.embeddings, pieces.state.bank.embeddings)
+    torch.testing.assert_close(whole.state.sensory, pieces.state.sensory)
     torch.testing.assert_close(logits, piece_logits)
     assert whole.tokens_seen == pieces.tokens_seen == 3 * L + 5
 
@@ -53,7 +53,7 @@ def test_generation_far_past_one_segment_is_flat():
     model = tiny_hmt("llama", cache_size=3)
     out = generate(model, random_ids(1, 5), GenerationConfig(max_new_tokens=200, do_sample=True, seed=3))
     assert out.tokens.shape == (1, 200)
-    assert out.decoder.memory.bank.size == 3 and out.decoder.memory.segments == 12
+    assert out.decoder.state.bank.size == 3 and out.decoder.state.segments == 12
 
 
 def test_sampling_is_reproducible_with_seed():

@@ -22,14 +22,14 @@ def test_gradients_reach_memory_parameters_only():
 def _grad_on_initial_bank(bptt_depth, loss_segment):
     """Gradient of one segment's loss w.r.t. a bank slot handed in with the initial state."""
     model = tiny_hmt("llama", bptt_depth=bptt_depth, stage=2, cache_size=8)
-    mem = model.init_memory(1)
+    mem = model.init_state(1)
     slot = torch.randn(1, 1, 32, requires_grad=True)
     mem = HMTMemory(mem.bank.__class__(slot, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)),
                     None, mem.sensory)
     ids = random_ids(1, 6 * 16)
     labels = torch.full_like(ids, -100)
     labels[:, loss_segment * 16 + 1:(loss_segment + 1) * 16] = ids[:, loss_segment * 16 + 1:(loss_segment + 1) * 16]
-    model(ids, memory=mem, labels=labels).loss.backward()
+    model(ids, state=mem, labels=labels).loss.backward()
     return slot.grad
 
 
@@ -81,10 +81,10 @@ def test_memory_state_roundtrip(tmp_path):
     ids = random_ids(2, 5 * 16)
     with torch.no_grad():
         first = model(ids[:, :48])
-        first.memory.save(tmp_path / "m.safetensors", fingerprint=model.config.backbone_fingerprint)
+        first.state.save(tmp_path / "m.safetensors", fingerprint=model.config.backbone_fingerprint)
         loaded = HMTMemory.load(tmp_path / "m.safetensors", fingerprint=model.config.backbone_fingerprint)
-        a = model(ids[:, 48:], memory=first.memory).logits
-        b = model(ids[:, 48:], memory=loaded).logits
+        a = model(ids[:, 48:], state=first.state).logits
+        b = model(ids[:, 48:], state=loaded).logits
     assert torch.equal(a, b)
     assert loaded.segments == 3 and loaded.tokens == 48
     with pytest.raises(CheckpointError, match="different model"):

@@ -83,7 +83,7 @@ def test_beam_search_matches_naive_reference(eos):
     assert out.tokens[0].tolist() == _naive_beam(model, prompt, cfg)
     ref = make_decoder(model)
     ref.feed(torch.cat([prompt, out.tokens], 1))
-    torch.testing.assert_close(out.decoder.memory.bank.embeddings, ref.memory.bank.embeddings)
+    torch.testing.assert_close(out.decoder.state.bank.embeddings, ref.state.bank.embeddings)
     assert out.decoder.tokens_seen == 12 + out.tokens.shape[1]
 
 
@@ -103,7 +103,7 @@ def test_select_rows_forks_without_touching_the_original():
     two = fork.feed(nxt.expand(2, -1))
     one = dec.feed(nxt)
     torch.testing.assert_close(two, one.expand(2, -1))
-    assert fork.memory.batch_size == 2 and dec.memory.batch_size == 1
+    assert fork.state.batch_size == 2 and dec.state.batch_size == 1
     assert state_nbytes(fork) > state_nbytes(dec) > 0
 
 
@@ -129,7 +129,7 @@ def test_session_roundtrip_continues_identically(tmp_path):
     a.save(tmp_path / "s.safetensors")
     b = Session.load(tmp_path / "s.safetensors", model)
     assert b.history == a.history and b.stats()["tokens"] == a.stats()["tokens"]
-    torch.testing.assert_close(b.decoder.memory.bank.embeddings, a.decoder.memory.bank.embeddings)
+    torch.testing.assert_close(b.decoder.state.bank.embeddings, a.decoder.state.bank.embeddings)
     msg = [{"role": "user", "content": "and again"}]
     assert b.chat(tok, fmt, msg, cfg).text == a.chat(tok, fmt, msg, cfg).text
     assert a.stats()["turns"] == 2

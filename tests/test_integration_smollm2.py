@@ -33,12 +33,12 @@ def test_chunked_equals_whole_and_generation(smol):
     with torch.no_grad():
         whole = model(ids, labels=ids)
         first = model(ids[:, :64])
-        second = model(ids[:, 64:], memory=first.memory)
+        second = model(ids[:, 64:], state=first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole.logits, rtol=1e-3, atol=1e-3)
     assert 1.0 < whole.loss.exp() < 1000
     cfg = GenerationConfig(max_new_tokens=40, do_sample=False)
     fast = generate(model, ids[:, :40], cfg, decoder=HMTDecoder(model))
     slow = generate(model, ids[:, :40], cfg, decoder=HMTDecoder(model, use_kv_cache=False))
     assert torch.equal(fast.tokens, slow.tokens)
-    assert fast.decoder.memory.segments == 2  # 80 tokens read: two folds of 32
+    assert fast.decoder.state.segments == 2  # 80 tokens read: two folds of 32
     assert isinstance(smol.tokenizer.decode(fast.tokens[0]), str)

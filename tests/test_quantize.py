@@ -30,7 +30,7 @@ def test_quantized_model_reloads_exactly(tmp_path, kind, head):
     save_quantized(model, tiny_tokenizer(), tmp_path / "q", source="tiny")
     assert is_quantized(tmp_path / "q")
     assert not list((tmp_path / "q").rglob("*.bin")) and not list((tmp_path / "q").rglob("*.pt"))
-    again, _ = load_quantized(tmp_path / "q")
+    again = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, quant)
 
@@ -80,7 +80,7 @@ def test_smoothing_is_exact_in_float_and_survives_reload(tmp_path, kind):
     quantize_backbone(model.backbone, calibration=random_ids(1, 64, seed=9))
     save_quantized(model, tiny_tokenizer(), tmp_path / "q")
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")[0](ids).logits, model(ids).logits)
+        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
 def test_corrupt_quantized_weights_raise(tmp_path):

@@ -121,7 +121,7 @@ def demo(tokens: int = 4096, document: str | None = None, model: str | None = No
               f"{n / secs:6.1f} tok/s ({secs:.1f} s)")
     print(f"HMT / backbone perplexity: {math.exp(float(hm.loss) - float(base.loss)):.3f}")
 
-    dec = HMTDecoder(hmt, memory=hm.memory, last_logits=hm.last_logits)
+    dec = HMTDecoder(hmt, state=hm.state, last_logits=hm.last_logits)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2,
                            eos_token_id=tok.eos_token_id)
     start = time.perf_counter()

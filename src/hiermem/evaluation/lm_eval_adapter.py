@@ -93,7 +93,7 @@ class HiermemLM(TemplateLM):
         key = tuple(ids)
         if self._memo is None or self._memo[0] != key:
             t = torch.tensor([ids], device=self._device)
-            self._memo = (key, self.hmt(t, return_logits=False).memory if ids else None)
+            self._memo = (key, self.hmt(t, return_logits=False).state if ids else None)
         return self._memo[1]
 
     @torch.no_grad()
@@ -103,7 +103,7 @@ class HiermemLM(TemplateLM):
         k = first // self.hmt.config.segment_length * self.hmt.config.segment_length
         memory = self._memory_before(context[:k])
         tail = torch.tensor([(context + continuation)[k:]], device=self._device)
-        logits = self.hmt(tail, memory=memory).logits[0, first - k:-1].float()  # (len(continuation), V)
+        logits = self.hmt(tail, state=memory).logits[0, first - k:-1].float()  # (len(continuation), V)
         target = torch.tensor(continuation, device=self._device)
         logp = logits.log_softmax(-1).gather(1, target[:, None]).sum()
         return float(logp), bool((logits.argmax(-1) == target).all())

@@ -7,8 +7,7 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -168,89 +167,26 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, history: torch.Tenso
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def make_decoder(model, batch_size: int = 1, memory=None):
-    from hiermem.models import model_classes
-
-    _, _, decoder_cls = model_classes(model.config.model_type)
-    return decoder_cls(model, memory=memory, batch_size=batch_size)
-
-
-# --- batch rows of a decoder's state ---------------------------------------------------------
-def _pick(value, idx: torch.Tensor, batch: int, copy_cache: bool):
-    """``value`` with its batch rows ``idx`` (B',) taken: tensors, state dataclasses, KV caches."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, idx.to(value.device)) if value.dim() and value.shape[0] == batch else value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _pick(getattr(value, f.name), idx, batch, copy_cache)
-                                             for f in dataclasses.fields(value) if f.init})
-    if hasattr(value, "reorder_cache"):  # a transformers Cache: reordered in place
-        value = copy.deepcopy(value) if copy_cache else value
-        value.reorder_cache(idx.to(next((t.device for t in _cache_tensors(value)), idx.device)))
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pick(v, idx, batch, copy_cache) for v in value)
-    return value
-
-
-def _cache_tensors(cache) -> list[torch.Tensor]:
-    layers = getattr(cache, "layers", [])
-    return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)]
-
-
-def _state_items(decoder):
-    return [(k, v) for k, v in vars(decoder).items() if not isinstance(v, torch.nn.Module)]
+def make_decoder(model, batch_size: int = 1, state=None):
+    """A fresh decoder of ``model`` (or one continuing ``state``)."""
+    return model.decoder(state=state, batch_size=batch_size)
 
 
 def select_rows(decoder, idx: torch.Tensor):
     """A new decoder holding rows ``idx`` (B',) of ``decoder``'s state (``decoder`` is untouched).
 
-    Repeating a row forks it (``idx = [0, 0, 0]`` turns one reader into three identical ones).
-    Decoders may define their own ``select_rows``; otherwise every tensor whose first dimension is
-    the batch, state dataclasses and transformers KV caches found in the decoder are indexed.
-    """
-    if hasattr(decoder, "select_rows"):
-        return decoder.select_rows(idx)
-    batch, new = decoder.memory.batch_size, copy.copy(decoder)
-    for name, value in _state_items(decoder):
-        setattr(new, name, _pick(value, idx, batch, copy_cache=True))
-    return new
+    Repeating a row forks it (``idx = [0, 0, 0]`` turns one reader into three identical ones)."""
+    return decoder.select_rows(idx)
 
 
 def reorder_rows(decoder, idx: torch.Tensor) -> None:
     """Like :func:`select_rows` but in place, without copying the KV cache (beam search steps)."""
-    if hasattr(decoder, "reorder_rows"):
-        decoder.reorder_rows(idx)
-        return
-    batch = decoder.memory.batch_size
-    for name, value in _state_items(decoder):
-        setattr(decoder, name, _pick(value, idx, batch, copy_cache=False))
+    decoder.reorder_rows(idx)
 
 
 def state_nbytes(decoder) -> int:
     """Bytes held by a decoder's state: memory, partial segment and KV cache."""
-    seen, total = set(), 0
-
-    def visit(value):
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            key = (value.untyped_storage().data_ptr(), value.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += value.untyped_storage().nbytes()
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            for f in dataclasses.fields(value):
-                visit(getattr(value, f.name))
-        elif hasattr(value, "reorder_cache"):
-            for t in _cache_tensors(value):
-                visit(t)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    for _, value in _state_items(decoder):
-        visit(value)
-    return total
+    return decoder.nbytes
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -262,7 +198,6 @@ def _first_logits(model, decoder, prompt_ids: torch.Tensor) -> torch.Tensor:
     raise ValueError("empty prompt and nothing read yet: give at least one prompt token")
 
 
-@torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, cfg: GenerationConfig | None = None, decoder=None,
              on_token: Callable[[torch.Tensor], None] | None = None,
              decode: Callable[[list[int]], str] | None = None,
@@ -281,8 +216,16 @@ def generate(model, prompt_ids: torch.Tensor, cfg: GenerationConfig | None = Non
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
     decoder = decoder or make_decoder(model, batch_size=prompt_ids.shape[0])
-    if cfg.num_beams > 1:
-        return _beam_search(model, prompt_ids, cfg, decoder, on_token, decode, should_stop)
+    # test-time learning (decoders with requires_grad) needs autograd; every other model runs without
+    grad = contextlib.nullcontext() if getattr(decoder, "requires_grad", False) else torch.no_grad()
+    with grad:
+        if cfg.num_beams > 1:
+            return _beam_search(model, prompt_ids, cfg, decoder, on_token, decode, should_stop)
+        return _sample(model, prompt_ids, cfg, decoder, on_token, decode, should_stop)
+
+
+def _sample(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, decode, should_stop) -> GenerationOutput:
+    """Greedy decoding or sampling, one token per row and step."""
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(cfg.seed)

@@ -249,13 +249,12 @@ def is_quantized(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).exists()
 
 
-def load_quantized(folder: str | Path):
-    """(HMT with an int8 backbone on CPU, tokenizer) from a folder written by :func:`save_quantized`."""
+def load_quantized(folder: str | Path, **overrides):
+    """HMT with an int8 backbone on CPU (``.tokenizer`` set) from a folder written by :func:`save_quantized`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     from hiermem.backbones import freeze
-    from hiermem.models import model_classes
 
     folder = Path(folder)
     info = read_json(folder / MARKER)
@@ -277,12 +276,12 @@ def load_quantized(folder: str | Path):
     load_quantized_tensors(backbone, tensors)
     backbone.eval()
     freeze(backbone)
-    model_type = read_json(folder / "config.json").get("model_type", "hmt")
-    model_cls, config_cls, _ = model_classes(model_type)
-    hmt_config = config_cls.from_dict(read_json(folder / "config.json"))
-    model = model_cls(backbone, hmt_config, bos_token_id=getattr(tokenizer, "bos_token_id", None))
-    model.load_memory_weights(folder)
-    return model.eval(), tokenizer
+    from hiermem.backbones import Backbone
+    from hiermem.models import folder_model_type, model_spec
+
+    spec = model_spec(folder_model_type(folder))
+    bb = Backbone(model=backbone, tokenizer=tokenizer, spec=str(sub))
+    return spec.model_class().from_pretrained(folder, backbone=bb, **overrides).eval()
 
 
 def quantize(output: str, model: str | None = None, include_head: bool = True,

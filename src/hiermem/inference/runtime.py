@@ -14,28 +14,19 @@ PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str | None = None):
-    """(model in eval mode, tokenizer) for a model spec; quantized folders load as int8.
-
-    ``spec``: a checkpoint folder, a released-weights name, or None for the default model.
+    """(model in eval mode, tokenizer) for a model spec: a checkpoint folder (trained, released or
+    quantized), a released-weights name, or None for the default model. Quantized models run on CPU.
     """
-    from hiermem.backbones import DEFAULT_BACKBONE, load_backbone, resolve_device, resolve_dtype
-    from hiermem.io import read_json
+    from hiermem.backbones import resolve_device, resolve_dtype
+    from hiermem.inference.quantize import is_quantized
     from hiermem.models import load_model, model_folder
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     folder = model_folder(spec)
-    if folder is not None:
-        from hiermem.inference.quantize import is_quantized, load_quantized
-
-        if is_quantized(folder):
-            if dev.type != "cpu":
-                raise ConfigError(f"{folder} holds an int8 (CPU) model; run it with --device cpu")
-            return load_quantized(folder)
-    backbone_spec = read_json(folder / "config.json").get("backbone", DEFAULT_BACKBONE) if folder else DEFAULT_BACKBONE
-    backbone = load_backbone(backbone_spec, device=dev, dtype=dt)
-    model = load_model(str(folder) if folder else None, backbone=backbone, device=dev, dtype=dt)
-    return model.to(dev).eval(), backbone.tokenizer
+    if folder is not None and is_quantized(folder) and dev.type != "cpu":
+        raise ConfigError(f"{folder} holds an int8 (CPU) model; run it with --device cpu")
+    model = load_model(str(folder) if folder else None, device=dev, dtype=resolve_dtype(dtype, dev))
+    return model.to(dev).eval(), model.tokenizer
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -43,7 +34,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     ids = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(getattr(model, "backbone", model), "generation_config", None)
+    gen = getattr(getattr(model, "backbone", None), "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     if extra is not None:
         ids.update([int(extra)] if isinstance(extra, int) else map(int, extra))

@@ -36,8 +36,7 @@ KIND = "hiermem-session"
 
 
 def model_fingerprint(model) -> dict:
-    cfg = model.config
-    return {"model_type": cfg.model_type, **getattr(cfg, "backbone_fingerprint", {})}
+    return model.fingerprint()
 
 
 @dataclass
@@ -77,10 +76,10 @@ class Session:
     def compact(self) -> None:
         """Drop the KV cache of the segment in progress, keeping its tokens to re-read on next use
         (the store does this to idle sessions before evicting any)."""
-        current = self.decoder.current
+        state, current = self.decoder.snapshot()
         if current.shape[1]:
             self.pending = current if self.pending is None else torch.cat([self.pending, current], dim=1)
-        self.decoder = make_decoder(self.model, batch_size=1, memory=self.decoder.memory)
+        self.decoder = make_decoder(self.model, batch_size=1, state=state)
         self.nbytes = state_nbytes(self.decoder) + (0 if self.pending is None else self.pending.nbytes)
 
     def reset(self) -> None:
@@ -152,11 +151,14 @@ class Session:
         """Write the session to one safetensors file, atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        state, current = self.decoder.snapshot()
+        if self.pending is not None:
+            current = torch.cat([self.pending, current], dim=1)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".session-") as tmp:
-            self.decoder.memory.save(Path(tmp) / "memory.safetensors", fingerprint=model_fingerprint(self.model))
+            state.save(Path(tmp) / "memory.safetensors", fingerprint=model_fingerprint(self.model))
             mem_tensors, mem_meta = load_tensors(Path(tmp) / "memory.safetensors")
         tensors = {f"memory.{k}": v for k, v in mem_tensors.items()}
-        tensors["current"] = self.pending if self.pending is not None else self.decoder.current
+        tensors["current"] = current
         save_tensors(path, tensors, {"kind": KIND, "memory": mem_meta, "history": self.history,
                                      "transcript": self.transcript, "fingerprint": model_fingerprint(self.model)})
 
@@ -173,7 +175,7 @@ class Session:
         if saved and saved != own:
             raise CheckpointError(f"session {path} was made by a different model ({saved}); this model is "
                                   f"{own}. Start a new session (another file) instead.")
-        memory_cls = type(model.init_memory(1))
+        memory_cls = model.state_class
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".session-") as tmp:
             save_tensors(Path(tmp) / "memory.safetensors",
                          {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")},
@@ -181,7 +183,7 @@ class Session:
             weight = next(model.parameters())
             memory = memory_cls.load(Path(tmp) / "memory.safetensors", device=weight.device, dtype=weight.dtype,
                                      fingerprint=own)
-        session = cls(model, make_decoder(model, batch_size=1, memory=memory), history=list(meta.get("history", [])),
+        session = cls(model, make_decoder(model, batch_size=1, state=memory), history=list(meta.get("history", [])),
                       transcript=meta.get("transcript", ""), session_id=session_id)
         current = tensors.get("current")
         if current is not None and current.shape[1]:
@@ -302,7 +304,7 @@ class SessionStore:
         for s in list(self.sessions.values()):
             if self.total_bytes <= self.max_bytes:
                 break
-            if s.pins == 0 and s.decoder.current.shape[1]:
+            if s.pins == 0 and s.decoder.snapshot()[1].shape[1]:
                 s.compact()
         while len(self.sessions) + incoming > self.max_sessions or self.total_bytes > self.max_bytes:
             victim = next((sid for sid, s in self.sessions.items() if s.pins == 0), None)

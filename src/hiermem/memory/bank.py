@@ -12,17 +12,20 @@ Eviction policies are small objects that decide which slot leaves when the bank 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from hiermem.errors import ConfigError
+from hiermem.models.state import ModelState
 
 
 @dataclass
-class MemoryBank:
+class MemoryBank(ModelState):
     """``embeddings`` (B, n, d), ``sources`` (B, n) segment index each slot came from,
-    ``usage`` (B, n) eviction score (recall-weight EMA; unused by FIFO)."""
+    ``usage`` (B, n) eviction score (recall-weight EMA; unused by FIFO, kept in float32)."""
 
+    KIND: ClassVar[str] = "memory-bank"
     embeddings: torch.Tensor
     sources: torch.Tensor
     usage: torch.Tensor

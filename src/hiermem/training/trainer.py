@@ -69,20 +69,13 @@ def make_accelerator(device: torch.device | str | None = None):
 
 
 def select_trainable(model: torch.nn.Module, mode: str) -> list[str]:
-    """Set ``requires_grad`` for the trainable set ``mode``; return the trainable parameter names."""
-    memory = model.memory_parameters()
-    memory_ids = {id(p) for p in (memory.values() if isinstance(memory, dict) else memory)}
-    names = []
-    for name, p in model.named_parameters():
-        on = mode == "full" or id(p) in memory_ids or (mode == "lora" and "lora_" in name)
-        p.requires_grad_(on)
-        if on:
-            names.append(name)
-    if mode == "lora" and not any("lora_" in n for n in names):
-        raise ConfigError("trainable='lora' but the model has no LoRA adapters: build it with a lora "
-                          "config (e.g. --lora-r 8)")
+    """Set ``requires_grad`` for the model's trainable set ``mode``; return the trainable names."""
+    names = model.trainable_names(mode)
     if not names:
         raise ConfigError(f"the trainable set {mode!r} selects no parameter of this model")
+    chosen = set(names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
     return names
 
 

@@ -14,33 +14,39 @@ from __future__ import annotations
 
 import torch
 
-from hiermem.models.hmt.model import HMT
+from hiermem.models.base import Decoder
 from hiermem.models.hmt.state import HMTMemory
 
 
-class HMTDecoder:
+class HMTDecoder(Decoder):
     """Stateful reader/writer over one HMT memory state (batch rows advance in lockstep)."""
 
-    def __init__(self, model: HMT, memory: HMTMemory | None = None, batch_size: int = 1,
-                 use_kv_cache: bool = True, last_logits: torch.Tensor | None = None):
-        """``memory``/``last_logits``: continue after ``HMT.forward`` on an input that ended on a
-        segment boundary (pass its ``out.memory`` and ``out.last_logits``)."""
-        self.model = model
-        self.memory = memory if memory is not None else model.init_memory(batch_size)
+    def __init__(self, model, state: HMTMemory | None = None, batch_size: int = 1,
+                 last_logits: torch.Tensor | None = None, use_kv_cache: bool = True):
+        """``state``/``last_logits``: continue after ``HMT.forward`` on an input that ended on a
+        segment boundary (pass its ``out.state`` and ``out.last_logits``)."""
+        super().__init__(model, state, batch_size, last_logits)
         self.use_kv_cache = use_kv_cache
-        b = self.memory.batch_size
+        b = self.state.batch_size
         self.current = torch.zeros(b, 0, dtype=torch.long, device=model.device)  # (B, c < L)
         self.prompt = None  # P* of the current segment
         self.past = None
-        self.last_logits = None if last_logits is None else last_logits.float()  # (B, V)
+
+    @property
+    def memory(self) -> HMTMemory:
+        return self.state
 
     @property
     def tokens_seen(self) -> int:
-        return self.memory.tokens + self.current.shape[1]
+        return self.state.tokens + self.current.shape[1]
 
     def stats(self) -> dict:
-        return {**self.memory.stats(), "tokens": self.tokens_seen,
+        return {**self.state.stats(), "tokens": self.tokens_seen,
                 "current_segment_tokens": self.current.shape[1]}
+
+    def snapshot(self) -> tuple[HMTMemory, torch.Tensor]:
+        """Memory of the folded segments, and the tokens of the segment in progress to re-read."""
+        return self.state, self.current
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -54,8 +60,8 @@ class HMTDecoder:
             if self.current.shape[1] == 0 and ids.shape[1] >= L:
                 # whole segments: one forward pass folds them (token-wise reading would encode each twice)
                 k = ids.shape[1] // L * L
-                out = self.model(ids[:, :k], memory=self.memory, return_logits=False)
-                self.memory, self.last_logits = out.memory, out.last_logits.float()
+                out = self.model(ids[:, :k], state=self.state, return_logits=False)
+                self.state, self.last_logits = out.state, out.last_logits.float()
                 ids = ids[:, k:]
                 continue
             take, ids = ids[:, :L - self.current.shape[1]], ids[:, L - self.current.shape[1]:]
@@ -69,8 +75,8 @@ class HMTDecoder:
         if not model.config.use_memory:
             self.prompt = None
             return
-        summary = model.summarize(first) if model.needs_summary(self.memory) else None
-        self.prompt, _ = model.memory_prompt(summary, self.memory)
+        summary = model.summarize(first) if model.needs_summary(self.state) else None
+        self.prompt, _ = model.memory_prompt(summary, self.state)
 
     def _extend(self, take: torch.Tensor) -> None:
         if self.current.shape[1] == 0:
@@ -78,22 +84,22 @@ class HMTDecoder:
             self.past = None
         self.current = torch.cat([self.current, take], dim=1)
         if self.use_kv_cache:
-            h, _, self.past = self.model.encode(take, self.prompt, self.memory, past=self.past,
+            h, _, self.past = self.model.encode(take, self.prompt, self.state, past=self.past,
                                                 use_cache=True, close=False)
         else:
-            h, _, _ = self.model.encode(self.current, self.prompt, self.memory, close=False)
+            h, _, _ = self.model.encode(self.current, self.prompt, self.state, close=False)
         self.last_logits = self.model.head(h[:, -1:]).squeeze(1).float()
 
     def _fold(self) -> None:
         """The segment is full: update memory exactly as forward() does."""
         model, ids = self.model, self.current
-        summary = model.summarize(ids) if model.needs_summary(self.memory) else None
-        prompt, weights = model.memory_prompt(summary, self.memory) if model.config.use_memory else (None, None)
-        h, new_mem, _ = model.encode(ids, prompt, self.memory)
-        self.memory = model.update_memory(self.memory, ids, new_mem, weights)
+        summary = model.summarize(ids) if model.needs_summary(self.state) else None
+        prompt, weights = model.memory_prompt(summary, self.state) if model.config.use_memory else (None, None)
+        h, new_mem, _ = model.encode(ids, prompt, self.state)
+        self.state = model.update_memory(self.state, ids, new_mem, weights)
         self.last_logits = model.head(h[:, -1:]).squeeze(1).float()
         self.current = self.current[:, :0]
         self.prompt, self.past = None, None
 
     def reset(self) -> None:
-        self.__init__(self.model, None, self.memory.batch_size, self.use_kv_cache)
+        self.__init__(self.model, None, self.state.batch_size, use_kv_cache=self.use_kv_cache)

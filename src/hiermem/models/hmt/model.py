@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,9 @@ from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
 from hiermem.memory.bank import MemoryBank, append, make_eviction
 from hiermem.memory.recall import CrossAttentionRecall, make_projection
+from hiermem.models.base import HiermemModel, ModelOutput
 from hiermem.models.hmt.config import HMTConfig
+from hiermem.models.hmt.decoder import HMTDecoder
 from hiermem.models.hmt.state import HMTMemory
 
 WEIGHTS_NAME = "memory.safetensors"
@@ -32,22 +35,11 @@ CONFIG_NAME = "config.json"
 
 
 @dataclass
-class MemoryModelOutput:
-    """What every hiermem model returns from ``forward``.
+class HMTOutput(ModelOutput):
+    """:class:`~hiermem.models.base.ModelOutput` plus, when asked for, the recall trace: per
+    segment (segment index, sources (B, n), weights (B, n))."""
 
-    loss: mean NLL over scored tokens (None without labels); num_tokens: how many were scored.
-    logits: (B, T, V) only when asked for; token_nll: (B, T-1) per-token NLL when asked for.
-    memory: the state after reading the input. recall: per-segment (segment index, sources (B, n),
-    weights (B, n)) when asked for.
-    """
-
-    loss: torch.Tensor | None
-    memory: HMTMemory
-    logits: torch.Tensor | None = None
-    token_nll: torch.Tensor | None = None
-    num_tokens: int = 0
     recall: list | None = None
-    last_logits: torch.Tensor | None = None  # (B, V) prediction for the token after the input
 
 
 def backbone_fingerprint(backbone: nn.Module) -> dict:
@@ -84,8 +76,17 @@ def default_segment_bos(model_type: str, use_memory: bool, bos_token_id: int | N
     return bool(use_memory) and bos_token_id is not None
 
 
-class HMT(nn.Module):
-    """Wrap ``backbone`` (a HF *ForCausalLM) with hierarchical memory."""
+class HMT(HiermemModel):
+    """Wrap ``backbone`` (a HF *ForCausalLM) with hierarchical memory.
+
+    Trainable sets: "memory" (default: T, initial memory, Wq, Wk, projection), "lora" (memory + LoRA
+    adapters) or "full". The tokenizer is the backbone's (named by ``config.backbone``).
+    """
+
+    config_class: ClassVar[type] = HMTConfig
+    state_class: ClassVar[type] = HMTMemory
+    decoder_class: ClassVar[type] = HMTDecoder
+    default_trainable: ClassVar[str] = "memory"
 
     def __init__(self, backbone: nn.Module, config: HMTConfig, bos_token_id: int | None = None):
         super().__init__()
@@ -153,7 +154,7 @@ class HMT(nn.Module):
         return [self.embed(ids)]
 
     # --- memory -----------------------------------------------------------------------------
-    def init_memory(self, batch_size: int = 1) -> HMTMemory:
+    def init_state(self, batch_size: int = 1) -> HMTMemory:
         d = self.config.backbone_fingerprint["hidden_size"]
         dtype = self.summary_prompt.dtype
         return HMTMemory(bank=MemoryBank.empty(batch_size, d, self.device, dtype), last=None,
@@ -162,6 +163,22 @@ class HMT(nn.Module):
     def memory_parameters(self) -> dict[str, nn.Parameter]:
         """HMT's own parameters (T, initial memory, Wq, Wk, projection): the default trainables."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+
+    def trainable_names(self, mode: str = "default") -> list[str]:
+        """"memory", "lora" (memory + adapters) or "full" ("default" = memory)."""
+        mode = self.default_trainable if mode == "default" else mode
+        if mode not in ("memory", "lora", "full"):
+            raise ConfigError(f"HMT trains 'memory', 'lora' or 'full', not {mode!r}")
+        memory = set(self.memory_parameters())
+        names = [n for n, _ in self.named_parameters()
+                 if mode == "full" or n in memory or (mode == "lora" and "lora_" in n)]
+        if mode == "lora" and not any("lora_" in n for n in names):
+            raise ConfigError("trainable='lora' but the model has no LoRA adapters: build it with a lora "
+                              "config (e.g. --lora-r 8)")
+        return names
+
+    def fingerprint(self) -> dict:
+        return {"model_type": "hmt", **self.config.backbone_fingerprint}
 
     def summarize(self, heads: torch.Tensor) -> torch.Tensor:
         """Representation encoding: segment ids (B, l) -> S (B, 1, d) from the first j tokens."""
@@ -246,11 +263,11 @@ class HMT(nn.Module):
         return state
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, memory: HMTMemory | None = None,
+    def forward(self, input_ids: torch.Tensor, state: HMTMemory | None = None,
                 labels: torch.Tensor | None = None, return_logits: bool = True,
                 return_token_nll: bool = False, return_recall: bool = False,
-                loss_skip_segments: int = 0, on_segment=None) -> MemoryModelOutput:
-        """Read ``input_ids`` (B, T) segment by segment, carrying ``memory``.
+                loss_skip_segments: int = 0, on_segment=None) -> HMTOutput:
+        """Read ``input_ids`` (B, T) segment by segment, carrying the memory ``state``.
 
         ``labels`` (B, T) follow the HF convention (shifted inside; -100 ignored): every token
         but the first of this call is scored exactly once. ``loss_skip_segments`` leaves the
@@ -261,7 +278,7 @@ class HMT(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
         cfg = self.config
-        memory = memory if memory is not None else self.init_memory(input_ids.shape[0])
+        memory = state if state is not None else self.init_state(input_ids.shape[0])
         if memory.batch_size != input_ids.shape[0]:
             raise ValueError(f"memory holds {memory.batch_size} rows but input has {input_ids.shape[0]}")
         L, T = cfg.segment_length, input_ids.shape[1]
@@ -308,8 +325,8 @@ class HMT(nn.Module):
                         nll_sum = nll_sum + nll.sum()
                         count += int(valid.sum())
         loss = (nll_sum / max(count, 1)) if labels is not None else None
-        return MemoryModelOutput(
-            loss=loss, memory=memory, num_tokens=count,
+        return HMTOutput(
+            loss=loss, state=memory, num_tokens=count, nll_sum=nll_sum if labels is not None else None,
             logits=torch.cat(logits_out, dim=1) if return_logits else None,
             token_nll=torch.cat(nll_out, dim=1) if return_token_nll else None,
             recall=trace if return_recall else None, last_logits=last_logits)
@@ -325,7 +342,7 @@ class HMT(nn.Module):
         save_tensors(folder / WEIGHTS_NAME, tensors, {"fingerprint": self.config.backbone_fingerprint})
         atomic_write_json(folder / CONFIG_NAME, self.config.to_dict())
 
-    def load_memory_weights(self, folder: str | Path) -> None:
+    def load_weights(self, folder: str | Path, strict: bool = True) -> None:
         tensors, _ = load_tensors(Path(folder) / WEIGHTS_NAME, self.device)
         own = dict(self.named_parameters())
         unknown = [k for k in tensors if k not in own]
@@ -355,9 +372,12 @@ class HMT(nn.Module):
             from hiermem.backbones import load_backbone
 
             backbone = load_backbone(config.backbone, device=device, dtype=dtype)
+        tokenizer = None
         if hasattr(backbone, "tokenizer"):
-            bos = getattr(backbone.tokenizer, "bos_token_id", None)
+            tokenizer = backbone.tokenizer
+            bos = getattr(tokenizer, "bos_token_id", None)
             backbone = backbone.model
         model = cls(backbone, config, bos_token_id=bos)
-        model.load_memory_weights(folder)
+        model.load_weights(folder)
+        model.tokenizer = tokenizer
         return model

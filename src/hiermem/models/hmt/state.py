@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from hiermem.errors import CheckpointError
-from hiermem.io import load_tensors, save_tensors
 from hiermem.memory.bank import MemoryBank
+from hiermem.models.state import ModelState, batch_field
 
 
 @dataclass
-class HMTMemory:
+class HMTMemory(ModelState):
     """Long-term bank, last memory embedding, sensory tokens and counters.
 
     bank: cached memory embeddings (B, n <= N, d) with their source segment and usage.
     last: m_{n-1} (B, 1, d), the previous segment's memory embedding (stage 1 uses it as P_n).
     sensory: (B, <= k) last tokens of the previous segment.
     segments, tokens: how much this state has read.
+
+    Rows of a bank share one slot count, so ``reset_rows`` works only when every row (or none)
+    starts afresh; the other utilities (rows, detach, save/load, fingerprint) come from
+    :class:`~hiermem.models.state.ModelState`.
     """
 
+    KIND: ClassVar[str] = "hmt-memory"
     bank: MemoryBank
-    last: torch.Tensor | None
-    sensory: torch.Tensor
+    last: torch.Tensor | None = batch_field(0)
+    sensory: torch.Tensor = batch_field(0)
     segments: int = 0
     tokens: int = 0
 
@@ -32,45 +36,6 @@ class HMTMemory:
     def batch_size(self) -> int:
         return self.sensory.shape[0]
 
-    def detach(self) -> "HMTMemory":
-        """Cut the gradient chain (truncated BPTT boundary)."""
-        return HMTMemory(self.bank.detach(), None if self.last is None else self.last.detach(),
-                         self.sensory, self.segments, self.tokens)
-
-    def to(self, device=None, dtype=None) -> "HMTMemory":
-        return HMTMemory(self.bank.to(device, dtype),
-                         None if self.last is None else self.last.to(device=device, dtype=dtype),
-                         self.sensory.to(device), self.segments, self.tokens)
-
     def stats(self) -> dict:
         return {"slots_used": self.bank.size, "segments": self.segments, "tokens": self.tokens,
                 "batch_size": self.batch_size}
-
-    # --- serialisation -------------------------------------------------------------------
-    def save(self, path: str | Path, fingerprint: dict | None = None) -> None:
-        """Save to a safetensors file (atomic). ``fingerprint`` identifies the model it belongs to."""
-        tensors = {"bank.embeddings": self.bank.embeddings, "bank.sources": self.bank.sources,
-                   "bank.usage": self.bank.usage, "sensory": self.sensory}
-        if self.last is not None:
-            tensors["last"] = self.last
-        save_tensors(path, tensors, {"kind": "hmt-memory", "segments": self.segments,
-                                     "tokens": self.tokens, "fingerprint": fingerprint or {}})
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=None, fingerprint: dict | None = None) -> "HMTMemory":
-        """Load a state saved by :meth:`save`; refuse one made by a different model."""
-        tensors, meta = load_tensors(path, device)
-        if meta.get("kind") != "hmt-memory":
-            raise CheckpointError(f"{path} is not an HMT memory-state file")
-        saved = meta.get("fingerprint") or {}
-        if fingerprint and saved and saved != fingerprint:
-            raise CheckpointError(f"memory state {path} was made by a different model ({saved}); "
-                                  f"this model is {fingerprint}. Start a fresh state instead.")
-        try:
-            bank = MemoryBank(tensors["bank.embeddings"].to(dtype=dtype), tensors["bank.sources"],
-                              tensors["bank.usage"])
-            last = tensors.get("last")
-            return cls(bank=bank, last=None if last is None else last.to(dtype=dtype),
-                       sensory=tensors["sensory"], segments=int(meta["segments"]), tokens=int(meta["tokens"]))
-        except KeyError as exc:
-            raise CheckpointError(f"memory state {path} lacks {exc}; the file is incomplete") from exc
