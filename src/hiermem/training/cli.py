@@ -54,7 +54,7 @@ def train(
     weight_decay: float = 0.0,
     clip: float = 1.0,
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    trainable: Literal["memory", "lora", "full"] = "memory",
+    trainable: Literal["default", "memory", "lora", "full"] = "default",
     lora_r: int = 8,
     lora_alpha: int = 16,
     lora_targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006
@@ -125,7 +125,7 @@ def train(
         weight_decay: AdamW weight decay
         clip: gradient-norm clipping (0 = off)
         precision: autocast precision (auto = bf16 on CUDA, fp32 on CPU; bf16 works on CPU too)
-        trainable: parameters to train: HMT memory only, memory + LoRA adapters, or everything
+        trainable: parameters to train: HMT memory only (default), memory + LoRA adapters, or everything
         lora_r: LoRA rank (with --trainable lora)
         lora_alpha: LoRA alpha (with --trainable lora)
         lora_targets: backbone modules that get LoRA adapters (with --trainable lora)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hiermem.errors import ConfigError
 from hiermem.io import dataclass_from_dict
@@ -12,7 +12,7 @@ from hiermem.io import dataclass_from_dict
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TRAINABLE = ("memory", "lora", "full")
+TRAINABLE = ("default", "memory", "lora", "full")
 
 
 @dataclass
@@ -30,7 +30,11 @@ class TrainConfig:
     clip: gradient-norm clipping (0 = off).
     precision: "fp32", "bf16" (autocast, CUDA or CPU), "fp16" (autocast + loss scaling, CUDA),
         "auto" (bf16 on CUDA when supported, else fp32).
-    trainable: "memory" (the model's memory_parameters()), "lora" (memory + LoRA adapters) or "full".
+    trainable: "default" (the model's own choice: HMT's memory, everything for from-scratch models),
+        "memory" (HMT memory parameters), "lora" (memory + LoRA adapters) or "full".
+    lr_scales: learning-rate multiplier per parameter group of the model (e.g. {"no_decay": 0.5}).
+    carry_state: carry the model's state, detached, from each batch to the next (contiguous-stream
+        loaders; truncated BPTT across windows of the same document).
     gradient_checkpointing: recompute backbone activations in the backward pass.
     loss_skip_segments: leading segments of each window left out of the loss (memory warm-up).
     eval_every / eval_batches: validation period in steps (0 = only at the end) and batches per
@@ -56,7 +60,9 @@ class TrainConfig:
     decay_gamma: float = 0.8
     clip: float = 1.0
     precision: str = "auto"
-    trainable: str = "memory"
+    trainable: str = "default"
+    lr_scales: dict = field(default_factory=dict)
+    carry_state: bool = False
     gradient_checkpointing: bool = False
     loss_skip_segments: int = 0
     eval_every: int = 50
@@ -96,6 +102,9 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_gamma <= 1:
             raise ConfigError("min_lr_ratio must be in [0, 1] and decay_gamma in (0, 1]")
+        if not isinstance(self.lr_scales, dict) or any(
+                not isinstance(v, (int, float)) or v < 0 for v in self.lr_scales.values()):
+            raise ConfigError(f"lr_scales must map parameter-group names to numbers >= 0, got {self.lr_scales!r}")
         for name, choices in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("trainable", TRAINABLE)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

@@ -54,21 +54,27 @@ class Monitor:
         loss = sum(r["loss"] * r["tokens"] for r in self._window) / sum(r["tokens"] for r in self._window)
         scalars = {"train/loss": loss, "train/lr": res["lr"], "train/tokens_per_second": tokens_per_second,
                    "train/grad_norm": sum(r["grad_norm"] for r in self._window) / n}
+        weight = sum(r["tokens"] for r in self._window)
+        for name in res.get("aux", {}):
+            scalars[f"train/{name}"] = sum(r["aux"].get(name, 0.0) * r["tokens"] for r in self._window) / weight
         self._window = []
         if self.bar is None:
-            log.info("step %d/%d  loss %.4f  lr %.3g  grad-norm %.3g  %.0f tok/s", step, self.cfg.steps, loss,
+            aux = "".join(f"  {k[6:]} {v:.4g}" for k, v in scalars.items() if k[6:] in res.get("aux", {}))
+            log.info("step %d/%d  loss %.4f%s  lr %.3g  grad-norm %.3g  %.0f tok/s", step, self.cfg.steps, loss, aux,
                      res["lr"], scalars["train/grad_norm"], tokens_per_second)
         self._emit(step, scalars)
 
     def evaluation(self, step: int, record: dict, best: float | None) -> None:
         if not self.enabled:
             return
-        msg = (f"step {step}: validation loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.3f} "
+        bpb = f", {record['val_bpb']:.4f} bits per byte" if "val_bpb" in record else ""
+        msg = (f"step {step}: validation loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.3f}{bpb} "
                f"({record['val_tokens']} tokens; best {best:.3f})")
         if self.bar is not None:
             self.bar.write(msg)
         log.info(msg)
-        self._emit(step, {"val/loss": record["val_loss"], "val/ppl": record["val_ppl"]})
+        self._emit(step, {f"val/{k[4:]}": v for k, v in record.items()
+                          if k.startswith("val_") and k not in ("val_tokens", "val_bytes")})
 
     def _emit(self, step: int, scalars: dict) -> None:
         if self.writer is not None:

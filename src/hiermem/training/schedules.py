@@ -29,8 +29,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:
-    """Set every parameter group's learning rate for ``step``; return it."""
+    """Set every parameter group's learning rate for ``step`` (times the group's ``lr_scale``);
+    return the base rate."""
     lr = cfg.lr * lr_factor(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

@@ -1,11 +1,17 @@
 """The one training loop of hiermem, shared by every model.
 
-A model plugs in through the small interface of :mod:`hiermem.models`: ``model(ids, labels=ids,
-loss_skip_segments=k)`` returns ``.loss`` (mean NLL of the scored tokens) and ``.num_tokens``;
-``model.memory_parameters()`` names the default trainables; ``model.save_pretrained(folder)``
-writes safetensors keyed by parameter name; ``model.config.to_dict()`` describes it. Data comes
-from loaders that yield ``(B, T)`` token windows forever and expose ``state_dict()`` /
-``load_state_dict()`` (``hiermem.data.WindowLoader``).
+A model plugs in through the protocol of :mod:`hiermem.models.base`: ``model(ids, state=...,
+labels=ids)`` returns the mean NLL ``.loss``, ``.num_tokens``, named auxiliary losses ``.aux``
+(weighted by ``model.aux_weights`` in the objective) and the new ``.state``;
+``model.trainable_names(mode)`` and ``model.parameter_groups(...)`` give the optimizer its groups;
+``model.save_pretrained(folder)`` writes the weights. Data comes from loaders that yield ``(B, T)``
+token windows forever (``hiermem.data.WindowLoader``) or, with ``carry_state``, contiguous
+streams whose batches mark the rows that start a new document (``hiermem.data.StreamLoader``);
+both expose ``state_dict()`` / ``load_state_dict()``. With ``carry_state`` the model's state is
+carried, detached, from one batch to the next (truncated BPTT) and saved with every checkpoint.
+
+Validation reports the NLL per token, perplexity and, when a tokenizer is given, bits per byte of
+the text of the scored tokens: summed NLL / (ln 2 * UTF-8 bytes).
 
 Processes and devices come from Hugging Face Accelerate: one process by default, DDP under
 ``torchrun`` / ``accelerate launch``. Gradients are token-weighted across micro-batches and
@@ -15,7 +21,6 @@ processes, so the update equals that of one big batch.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import signal
@@ -35,6 +40,8 @@ from hiermem.training.monitor import Monitor
 from hiermem.training.schedules import set_lr
 
 log = logging.getLogger(__name__)
+
+CARRIED_STATE = "trainer_carried_state-{:05d}.safetensors"
 
 
 @dataclass
@@ -111,7 +118,8 @@ class Trainer:
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, train_data, val_data=None,
-                 output_dir: str | Path | None = None, hparams: dict | None = None, accelerator=None):
+                 output_dir: str | Path | None = None, hparams: dict | None = None, accelerator=None,
+                 tokenizer=None):
         for name in ("state_dict", "load_state_dict"):
             if not callable(getattr(train_data, name, None)):
                 raise ConfigError(f"train_data must provide {name}() (e.g. hiermem.data.WindowLoader) so that "
@@ -133,12 +141,23 @@ class Trainer:
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.trainable]
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in self.params)
-        optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
+        groups = model.parameter_groups(self.trainable, config.weight_decay)
+        unknown = sorted(set(config.lr_scales) - {g["name"] for g in groups})
+        if unknown:
+            raise ConfigError(f"lr_scales names unknown parameter groups {unknown}; this model has "
+                              f"{[g['name'] for g in groups]}")
+        for g in groups:
+            g["lr_scale"] = float(config.lr_scales.get(g["name"], 1.0))
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
                                       weight_decay=config.weight_decay, fused=fused)
+        self.tokenizer = tokenizer
+        self.aux_weights = dict(getattr(model, "aux_weights", {}) or {})
+        self.carried = None  # the model state carried across batches (carry_state)
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        accepted = inspect.signature(model.forward).parameters
-        self.forward_kwargs = {"return_logits": False} if "return_logits" in accepted else {}
+        self.forward_kwargs = {"return_logits": False}  # the protocol: no (B, T, V) logits kept
+        if config.loss_skip_segments:  # HMT's memory warm-up
+            self.forward_kwargs["loss_skip_segments"] = config.loss_skip_segments
         self.step = 0
         self.tokens = 0
         self.best_metric: float | None = None
@@ -178,6 +197,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         ckpt.write_rank_state(tmp, self.acc.process_index,
                               {"rng": ckpt.rng_state(), "data": self.train_data.state_dict()})
+        if self.carried is not None:
+            self.carried.save(tmp / CARRIED_STATE.format(self.acc.process_index), fingerprint=self.model.fingerprint())
         self.acc.wait_for_everyone()
         target = root / name
         if self.is_main:
@@ -225,6 +246,9 @@ class Trainer:
         self.optimizer.load_state_dict(shared["optimizer"])
         if self.scaler is not None and "scaler" in shared:
             self.scaler.load_state_dict(shared["scaler"])
+        carried = folder / CARRIED_STATE.format(self.acc.process_index)
+        if self.cfg.carry_state and carried.exists():
+            self.carried = self.model.state_class.load(carried, device=self.device, fingerprint=self.model.fingerprint())
         mine = ckpt.read_rank_state(folder, self.acc.process_index)
         self.train_data.load_state_dict(mine["data"])
         ckpt.set_rng_state(mine["rng"])
@@ -233,10 +257,41 @@ class Trainer:
             setattr(self, key, state[key])
         log.info("resumed from %s (step %d)", folder, self.step)
 
+    # --- batches and carried state -------------------------------------------------------
+    def _forward(self, module, batch, state):
+        """Run ``module`` on one batch (a (B, T) tensor or a StreamBatch); returns (output, objective).
+
+        ``state``: the carried state (None: fresh); rows that start a new document restart fresh.
+        The objective is the summed NLL plus the weighted auxiliary losses scaled to the token
+        count, so gradients stay token-weighted across micro-batches and processes.
+        """
+        ids, reset = (batch.ids, batch.reset) if hasattr(batch, "reset") else (batch, None)
+        kwargs = dict(self.forward_kwargs)
+        if self.cfg.carry_state:
+            fresh = self.model.init_state(ids.shape[0])
+            kwargs["state"] = fresh if state is None else state.reset_rows(reset, fresh)
+        with self.autocast():
+            out = module(ids, labels=ids, **kwargs)
+        objective = out.loss.float() * out.num_tokens
+        for name, value in (out.aux or {}).items():
+            objective = objective + self.aux_weights.get(name, 1.0) * value.float() * out.num_tokens
+        return out, objective
+
+    def _count_bytes(self, batch) -> int:
+        """UTF-8 bytes of the text of the scored tokens (every token of a window but its first)."""
+        ids = batch.ids if hasattr(batch, "reset") else batch
+        total = 0
+        for row in ids.tolist():
+            whole = self.tokenizer.decode(row, skip_special_tokens=False)
+            first = self.tokenizer.decode(row[:1], skip_special_tokens=False)
+            total += max(0, len(whole.encode()) - len(first.encode()))
+        return total
+
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (token-weighted mean NLL over all processes) and perplexity exp(loss)."""
+        """Validation NLL per token (token-weighted over all processes), perplexity, auxiliary losses
+        and, with a tokenizer, bits per byte."""
         rng = ckpt.rng_state()
         if self._val_start is not None:
             self.val_data.load_state_dict(self._val_start)
@@ -244,45 +299,60 @@ class Trainer:
         if hasattr(self.val_data, "__len__"):
             n_batches = max(1, min(n_batches or len(self.val_data), len(self.val_data)))
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [nll sum, tokens]
-        it = iter(self.val_data)
+        names = sorted(self.aux_weights)
+        sums = torch.zeros(3 + len(names), dtype=torch.float64, device=self.device)  # [nll, tokens, bytes, aux...]
+        it, state = iter(self.val_data), None
         for _ in range(n_batches):
-            ids = next(it).to(self.device)
-            with self.autocast():
-                out = self.model(ids, labels=ids, loss_skip_segments=self.cfg.loss_skip_segments,
-                                 **self.forward_kwargs)
-            sums += torch.stack([out.loss.double() * out.num_tokens,
-                                 torch.tensor(float(out.num_tokens), dtype=torch.float64, device=self.device)])
+            batch = next(it).to(self.device)
+            out, _ = self._forward(self.model, batch, state)
+            state = out.state.detach() if self.cfg.carry_state else None
+            n = out.num_tokens
+            sums[0] += out.loss.double() * n
+            sums[1] += n
+            sums[2] += self._count_bytes(batch) if self.tokenizer is not None else 0
+            for i, name in enumerate(names):
+                if name in (out.aux or {}):
+                    sums[3 + i] += out.aux[name].double() * n
         sums = self.acc.reduce(sums, reduction="sum")
         self.model.train()
         ckpt.set_rng_state(rng)
-        loss = float(sums[0] / sums[1].clamp_min(1))
-        return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-                "val_tokens": int(sums[1])}
+        tokens = float(sums[1].clamp_min(1))
+        loss = float(sums[0]) / tokens
+        record = {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+                  "val_tokens": int(sums[1])}
+        if self.tokenizer is not None and float(sums[2]) > 0:
+            record["val_bpb"] = float(sums[0]) / (math.log(2) * float(sums[2]))
+            record["val_bytes"] = int(sums[2])
+        for i, name in enumerate(names):
+            record[f"val_{name}"] = float(sums[3 + i]) / tokens
+        return record
 
     # --- training -------------------------------------------------------------------------
     def _train_step(self, batches) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
         cfg, world = self.cfg, self.acc.num_processes
         lr = set_lr(self.optimizer, self.step, cfg)
-        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # [nll sum, tokens, bad, signal]
+        names = sorted(self.aux_weights)
+        stats = torch.zeros(4 + len(names), dtype=torch.float64, device=self.device)  # [nll, tokens, bad, signal, aux]
         for i in range(cfg.grad_accum):
-            ids = next(batches).to(self.device, non_blocking=True)
+            batch = next(batches).to(self.device, non_blocking=True)
             last = i == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or world == 1 else self.acc.no_sync(self.wrapped)
             with sync:
-                with self.autocast():
-                    out = self.wrapped(ids, labels=ids, loss_skip_segments=cfg.loss_skip_segments,
-                                       **self.forward_kwargs)
+                out, objective = self._forward(self.wrapped, batch, self.carried)
                 if out.num_tokens == 0:
                     raise ConfigError(f"no token is scored: loss_skip_segments={cfg.loss_skip_segments} leaves "
                                       "out every segment of the window; lower it or use longer windows")
-                loss = out.loss.float() * out.num_tokens  # summed NLL: token-weighted over micro-batches
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            finite = bool(torch.isfinite(out.loss.detach()))
+                (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
+            if cfg.carry_state:
+                self.carried = out.state.detach()  # truncated BPTT at the window boundary
+            finite = bool(torch.isfinite(objective.detach()))
             stats[0] += out.loss.detach().double() * out.num_tokens if finite else 0.0
             stats[1] += out.num_tokens
             stats[2] += 0.0 if finite else 1.0
+            for j, name in enumerate(names):
+                if finite and name in (out.aux or {}):
+                    stats[4 + j] += out.aux[name].detach().double() * out.num_tokens
         stats[3] = 1.0 if self._signal is not None else 0.0
         stats = self.acc.reduce(stats, reduction="sum")  # the same decisions on every process
         tokens = int(stats[1])
@@ -306,6 +376,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if result["ok"]:
             result["loss"] = float(stats[0]) / tokens
+            result["aux"] = {name: float(stats[4 + j]) / tokens for j, name in enumerate(names)}
         return result
 
     def _on_signal(self, signum, frame):
