@@ -23,13 +23,24 @@ from typing import Literal, get_args, get_origin
 COMMANDS = {
     "info": "hiermem.commands:info",
     "demo": "hiermem.commands:demo",
-    "train": "hiermem.training.cli:train",
+    "train": "hiermem.training.cli:train_function",  # dispatches on the model type
     "eval": "hiermem.evaluation.cli:evaluate",
     "generate": "hiermem.inference.cli:generate",
     "chat": "hiermem.inference.chat:chat",
     "serve": "hiermem.inference.server:serve",
     "quantize": "hiermem.inference.quantize:quantize",
+    "tokenizer": "hiermem.cli:tokenizer_function",  # dispatches on the action (train)
 }
+# commands whose function depends on the next positional word: (resolver, consumes the word)
+DISPATCH = {"train": False, "tokenizer": True}
+
+
+def tokenizer_function(action: str):
+    if action != "train":
+        from hiermem.errors import ConfigError
+
+        raise ConfigError(f"unknown tokenizer action {action!r}; use: hiermem tokenizer train ...")
+    return _resolve("hiermem.tokenizers:train_command")
 
 
 def _resolve(target: str):
@@ -60,14 +71,18 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _add_argument(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str):
+def _add_argument(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str,
+                  suppress: bool = False):
     tp, _ = _unwrap_optional(hint)
     flag = "--" + name.replace("_", "-")
     has_default = param.default is not inspect.Parameter.empty
     kwargs: dict = {"help": help_text + (f" (default: {param.default})" if has_default else "")}
     origin = get_origin(tp)
+    default = argparse.SUPPRESS if suppress else param.default  # suppressed: only given options appear
+    if tp is dict or origin is dict:
+        return  # dict options come from config files only
     if tp is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=kwargs["help"])
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=kwargs["help"])
         return
     if origin is Literal:
         kwargs["choices"] = list(get_args(tp))
@@ -78,20 +93,29 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, param: inspect.Par
     elif tp in (int, float, str):
         kwargs["type"] = tp
     if has_default:
-        parser.add_argument(flag, dest=name, default=param.default, **kwargs)
+        parser.add_argument(flag, dest=name, default=default, **kwargs)
     else:
         kwargs["help"] = help_text
         parser.add_argument(name, **kwargs)
 
 
-def build_parser(func, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one argument per parameter of ``func`` to ``parser``."""
+def build_parser(func, parser: argparse.ArgumentParser, suppress: bool = False) -> argparse.ArgumentParser:
+    """Add one argument per parameter of ``func`` to ``parser`` (``suppress``: options left out of
+    the command line do not appear in the parsed namespace)."""
     head, arg_help = _doc_parts(func)
     parser.description = head
     hints = typing.get_type_hints(func)
     for name, param in inspect.signature(func).parameters.items():
-        _add_argument(parser, name, param, hints.get(name, str), arg_help.get(name, ""))
+        _add_argument(parser, name, param, hints.get(name, str), arg_help.get(name, ""), suppress)
     return parser
+
+
+def _chosen(argv: list[str]) -> tuple[str | None, int]:
+    """The subcommand named on the command line and its index in ``argv``."""
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            return a, i
+    return None, -1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,22 +129,40 @@ def main(argv: list[str] | None = None) -> int:
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     # only the chosen command's module is imported (fast --help, no heavy imports)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen, at = _chosen(argv)
+    func = None
+    try:
+        if chosen in COMMANDS:
+            func = _resolve(COMMANDS[chosen])
+            if chosen in DISPATCH:
+                word, i = _chosen(argv[at + 1:])
+                if word is None:
+                    func = None  # `hiermem train --help`: list what can follow
+                else:
+                    func = func(word)
+                    if DISPATCH[chosen]:  # the word names the action, not an argument: drop it
+                        argv = argv[:at + 1 + i] + argv[at + 2 + i:]
+    except HiermemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for name, target in COMMANDS.items():
-        if name == chosen:
-            func = _resolve(target)
-            build_parser(func, sub.add_parser(name, help=_doc_parts(func)[0].split("\n")[0]))
+        if name == chosen and func is not None:
+            build_parser(func, sub.add_parser(name, help=_doc_parts(func)[0].split("\n")[0]),
+                         suppress="config" in inspect.signature(func).parameters)
         else:
-            sub.add_parser(name, help=_SUMMARIES.get(name, ""), add_help=False)
+            sub.add_parser(name, help=_SUMMARIES.get(name, ""), add_help=name not in COMMANDS or name != chosen)
     args = top.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None:
-        top.print_help()
+    if args.command is None or func is None:
+        top.print_help() if args.command is None else print(_dispatch_help(args.command))
         return 0
-    func = _resolve(COMMANDS[args.command])
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
     try:
+        if kwargs.get("config"):
+            from hiermem.configs import read_config
+
+            kwargs = {**read_config(func, kwargs["config"]), **kwargs}  # the command line wins
         result = func(**kwargs)
     except HiermemError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -131,15 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _dispatch_help(command: str) -> str:
+    if command == "train":
+        from hiermem.models import REGISTRY
+
+        kinds = "\n".join(f"  {k:12s} {v.description}" for k, v in sorted(REGISTRY.items()))
+        return f"usage: hiermem train MODEL [options]  (hiermem train MODEL --help for the options)\n\nmodels:\n{kinds}"
+    return "usage: hiermem tokenizer train [options]  (hiermem tokenizer train --help for the options)"
+
+
 _SUMMARIES = {
     "info": "versions, device, available backbones and corpora",
     "demo": "the main job on bundled defaults: HMT vs the plain backbone on a long document",
-    "train": "train a model (HMT's two-stage recipe by default)",
+    "train": "train a model: HMT's two-stage recipe, or any other family from scratch",
     "eval": "long-document perplexity against baselines, recall tasks, memory diagnostics",
     "generate": "generate text with memory (prompts longer than the window are fine)",
     "chat": "interactive chat with memory that persists across turns and runs",
     "serve": "OpenAI-compatible HTTP server with per-session memory",
     "quantize": "int8 dynamic quantization of the backbone for CPU inference",
+    "tokenizer": "train a SentencePiece (bpe/unigram/char/word) or byte tokenizer for from-scratch models",
 }
 
 if __name__ == "__main__":

@@ -347,3 +347,36 @@ def train_command(source: str = "shakespeare", output: str = "tokenizers/shakesp
 
 __all__ = ["TYPES", "check_options", "load_sentencepiece", "load_tokenizer", "min_vocab_size", "tokenizer_summary",
            "tokens_per_byte", "train_command", "train_tokenizer"]
+
+
+def save_tokenizer(tok, target: Path) -> None:
+    """Save ``tok`` so :func:`read_tokenizer` loads it: a hiermem tokenizer (``hiermem_info``) gets
+    its ``hiermem_tokenizer.json`` with fresh file hashes (and its SentencePiece model when the
+    folder it came from still has it); any other tokenizer is saved the Hugging Face way."""
+    target, info = Path(target), getattr(tok, "hiermem_info", None)
+    source = Path(str(getattr(tok, "name_or_path", "") or ".")) / SPM_FILE
+    spm = source.read_bytes() if info and SPM_FILE in info.get("files", {}) and source.is_file() else None
+    if target.exists():  # read before: the tokenizer may come from this very folder
+        shutil.rmtree(target)
+    tok.save_pretrained(str(target))
+    if info is None:
+        return
+    if spm is not None:
+        (target / SPM_FILE).write_bytes(spm)
+    files = {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file() and p.name != META_FILE}
+    atomic_write_json(target / META_FILE, {**info, "files": files})
+
+
+def read_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder`` (hiermem or Hugging Face), or None when there is none."""
+    if (folder / META_FILE).exists():
+        return load_tokenizer(folder)
+    if not folder.is_dir():
+        log.warning("%s holds no tokenizer: the model loads without one (set model.tokenizer)", folder.parent)
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types on bad folders
+        raise CheckpointError(f"could not load the tokenizer in {folder}: {exc}") from exc

@@ -31,8 +31,8 @@ class ModelSpec:
     model: "module:Class" of the :class:`HiermemModel`. pretrained_backbone: wraps a pretrained
     causal LM (``from_pretrained`` then takes ``backbone=``; the evaluator adds the backbone's
     chunk/sliding/full-context baselines). eval_variants: extra ``hiermem eval`` methods as config
-    overrides of the loaded checkpoint (ablations). recipe: "module:function" of a training recipe
-    (None: the trainer's single-stage recipe). default_config: a bundled YAML recipe.
+    overrides of the loaded checkpoint (ablations). recipe: "module:function" of its ``hiermem train``
+    command (None: the from-scratch recipe, ``hiermem.training.cli:train_model``). default_config: a bundled YAML recipe.
     """
 
     model_type: str
@@ -76,7 +76,7 @@ register_model(ModelSpec(
     eval_variants={"sensory": {"use_memory": False}, "rmt": {"stage": 1},
                    "hmt-fifo": {"stage": 2, "eviction": "fifo"},
                    "hmt-attention": {"stage": 2, "eviction": "attention"}},
-    recipe="hiermem.training.recipes:train_hmt_recipe"))
+    recipe="hiermem.training.cli:train"))
 register_model(ModelSpec(
     "transformer", "hiermem.models.transformer:Transformer",
     description="Llama-style transformer trained from scratch (the control model of every family)",

@@ -260,8 +260,10 @@ class HiermemModel(nn.Module):
         tensors = {k: v for k, v in self.state_tensors().items()}
         save_tensors(folder / WEIGHTS_NAME, _untie(tensors), {"fingerprint": self.fingerprint()})
         atomic_write_json(folder / CONFIG_NAME, self.config.to_dict())
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+        if self.tokenizer is not None:
+            from hiermem.tokenizers import save_tokenizer
+
+            save_tokenizer(self.tokenizer, folder / TOKENIZER_DIR)
 
     def load_weights(self, folder: str | Path, strict: bool = True) -> None:
         """Load ``model.safetensors`` of ``folder`` into this model; CheckpointError on mismatch."""
@@ -289,12 +291,12 @@ class HiermemModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype=None, **overrides) -> "HiermemModel":
         """Rebuild a model saved by :meth:`save_pretrained` (config, weights, tokenizer)."""
-        from hiermem.tokenizers import load_tokenizer
+        from hiermem.tokenizers import read_tokenizer
 
         config = cls.read_config(folder, **overrides)
         model = cls(config)
         model.load_weights(folder)
-        model.tokenizer = load_tokenizer(Path(folder) / TOKENIZER_DIR)
+        model.tokenizer = read_tokenizer(Path(folder) / TOKENIZER_DIR)
         return model.to(device=device, dtype=dtype)
 
 

@@ -25,7 +25,8 @@ def _split_files(items: list[str]) -> dict[str, str] | None:
 
 
 def train(
-    recipe: Literal["hmt"],
+    model: Literal["hmt"],
+    config: str | None = None,
     output_dir: str = "runs/hmt",
     backbone: str = "smollm2-135m",
     source: str = "shakespeare",
@@ -95,8 +96,12 @@ def train(
     SIGINT/SIGTERM save a checkpoint and exit with status 130/143. Several processes:
     torchrun --nproc_per_node N -m hiermem train hmt ... (or accelerate launch -m hiermem train ...).
 
+    --config FILE reads these options from a YAML file (flat, or in sections such as data,
+    training, model); options given on the command line override it.
+
     Args:
-        recipe: what to train ("hmt": the two-stage HMT recipe)
+        model: what to train ("hmt": the two-stage HMT recipe; other model types train from scratch)
+        config: YAML file of options, or the name of a bundled recipe
         output_dir: run folder (checkpoints, logs, final weights)
         backbone: bundled backbone name, local Hugging Face folder, or .gguf file
         source: built-in corpus, .txt file or folder, .jsonl/.parquet/.csv table, or hf:<dataset>
@@ -197,3 +202,164 @@ def train(
     print(f"final weights: {summary['final']}")
     log.debug("summary: %s", json.dumps(summary, default=str))
     return 0
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """``["hidden_size=128", "dropout=0.1"]`` -> {"hidden_size": 128, "dropout": 0.1} (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE pairs (e.g. hidden_size=128), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def train_model(
+    model: str,
+    config: str | None = None,
+    model_options: dict | None = None,
+    set: list[str] = [],  # noqa: A002, B006 (read-only default, shown in --help)
+    output_dir: str | None = None,
+    source: str = "shakespeare",
+    text_column: str = "text",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    tokenizer: str | None = None,
+    tokenizer_type: Literal["bpe", "unigram", "char", "word", "byte"] = "bpe",
+    vocab_size: int = 8000,
+    window: int = 256,
+    carry_state: bool = False,
+    straddle: bool = False,
+    steps: int = 1000,
+    max_minutes: float | None = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    schedule: Literal["constant", "cosine", "linear", "step"] = "cosine",
+    warmup: int = 50,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.1,
+    betas: list[float] = [0.9, 0.95],  # noqa: B006
+    clip: float = 1.0,
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    eval_every: int = 200,
+    eval_batches: int = 16,
+    save_every: int = 200,
+    keep_last: int = 2,
+    patience: int = 0,
+    log_every: int = 20,
+    seed: int = 0,
+    resume: bool = True,
+    device: str | None = None,
+    tensorboard: bool = True,
+    progress: bool = True,
+    wandb_project: str | None = None,
+    wandb_run_name: str | None = None,
+) -> int:
+    """Train a model from scratch (every registered family without a pretrained backbone, e.g.
+    transformer): a tokenizer trained on the training split (or --tokenizer FOLDER), the model
+    built to match it, then the shared trainer. Run the same command again to resume.
+
+    --config FILE reads a YAML file with sections (model, tokenizer, data, training, optimization,
+    checkpoint, logging); keys of the sections are the options below (model: the model's config
+    fields; tokenizer: path, type, vocab_size). An unknown key is an error naming it; options given
+    on the command line override the file. Output: <output-dir>/tokenizer, checkpoints/, final/,
+    train_summary.json. Bundled recipes: --config transformer-cpu (see hiermem/configs/).
+
+    Args:
+        model: model family to train (a registered model type, e.g. transformer)
+        config: YAML recipe file, or the name of a bundled one (e.g. transformer-cpu)
+        model_options: model config fields (the YAML file's model section)
+        set: model config fields as KEY=VALUE pairs, e.g. --set hidden_size=128 num_layers=2
+        output_dir: run folder (default: runs/MODEL)
+        source: built-in corpus, .txt file or folder, .jsonl/.parquet/.csv table, or hf:<dataset>
+        text_column: table / dataset column holding the text
+        validation_fraction: share of documents held out for validation (stable hash of the id)
+        test_fraction: share of documents held out for testing
+        tokenizer: an existing tokenizer folder (written by `hiermem tokenizer train`) instead of training one
+        tokenizer_type: SentencePiece model type of the tokenizer trained for this run
+        vocab_size: vocabulary size of the tokenizer trained for this run
+        window: tokens per training window (the truncated-BPTT window with --carry-state)
+        carry_state: read documents in order and carry the model's state across windows
+        straddle: let training windows cross document boundaries (without --carry-state)
+        steps: optimizer steps
+        max_minutes: stop after this much training time (validation excluded), even before --steps
+        batch_size: windows per batch and process
+        grad_accum: batches accumulated per optimizer step
+        lr: peak learning rate (AdamW)
+        schedule: learning-rate decay after warm-up
+        warmup: linear warm-up steps
+        min_lr_ratio: cosine/linear schedules: final learning rate as a fraction of lr
+        weight_decay: AdamW weight decay (matrices only; norms and biases never decay)
+        betas: AdamW betas
+        clip: gradient-norm clipping (0 = off)
+        precision: autocast precision (auto = bf16 on CUDA, fp32 on CPU)
+        eval_every: steps between validations (0 = only at the end)
+        eval_batches: validation batches per evaluation
+        save_every: steps between checkpoints (0 = only at the end)
+        keep_last: periodic checkpoints kept (the best weights are kept apart)
+        patience: stop after this many validations without improvement (0 = never)
+        log_every: steps between log lines and TensorBoard points
+        seed: random seed (initial weights, data order)
+        resume: continue from the newest checkpoint in the run folder when there is one
+        device: cpu, cuda or auto
+        tensorboard: write TensorBoard logs to <output-dir>/checkpoints/tensorboard
+        progress: show a progress bar on a terminal (log lines otherwise)
+        wandb_project: log to this Weights & Biases project (needs pip install wandb)
+        wandb_run_name: W&B run name
+    """
+    from hiermem.training.scratch import ScratchRecipe, train_from_scratch
+
+    options = {**(model_options or {}), **parse_assignments(list(set))}
+    tok = {"path": tokenizer} if tokenizer else {"type": tokenizer_type, "vocab_size": vocab_size}
+    cfg = TrainConfig(steps=steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+                      betas=tuple(betas), clip=clip, precision=precision, trainable="full", carry_state=carry_state,
+                      eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, keep_last=keep_last,
+                      patience=patience, log_every=log_every, seed=seed, tensorboard=tensorboard, progress=progress,
+                      wandb_project=wandb_project, wandb_run_name=wandb_run_name)
+    if window < 2:
+        raise ConfigError(f"window must be >= 2 tokens, got {window}")
+    recipe = ScratchRecipe(model_type=model, output_dir=output_dir or f"runs/{model}", source=source,
+                           data={"text_column": text_column, "validation_fraction": validation_fraction,
+                                 "test_fraction": test_fraction},
+                           model=options, tokenizer=tok, training=cfg, window=window, straddle=straddle,
+                           device=device)
+    acc = make_accelerator(device)
+    if not acc.is_main_process:
+        logging.getLogger("hiermem").setLevel(logging.WARNING)
+    summary = train_from_scratch(recipe, resume=resume, accelerator=acc)
+    if not acc.is_main_process:
+        return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
+    last = summary["val_history"][-1] if summary["val_history"] else {}
+    bpb = f", {last['val_bpb']:.4f} bits per byte" if "val_bpb" in last else ""
+    print(f"{model}: {summary['status']} at step {summary['steps']} ({summary['parameters']:,} parameters, "
+          f"{summary['tokens_per_second_this_run']} tok/s); last validation loss "
+          f"{last.get('val_loss', float('nan')):.4f}{bpb}")
+    if summary["status"] == "interrupted":
+        print(f"interrupted: checkpoint saved under {recipe.output_dir}; run the same command again to resume")
+        return 128 + int(summary["signal"])
+    print(f"final weights: {summary['final']}")
+    return 0
+
+
+# the YAML sections whose body goes to one dict option instead of being flattened into options
+train_model.config_dict_sections = {"model": "model_options"}
+train_model.config_renames = {"tokenizer.path": "tokenizer", "tokenizer.type": "tokenizer_type",
+                              "tokenizer.vocab_size": "vocab_size"}
+
+
+def train_function(model_type: str):
+    """The training entry of a model type: HMT's two-stage recipe, or the from-scratch recipe."""
+    import importlib
+
+    from hiermem.models import model_spec
+
+    spec = model_spec(model_type)  # unknown types: a clear error listing the known ones
+    if spec.recipe is None:
+        return train_model
+    module, name = spec.recipe.split(":")
+    return getattr(importlib.import_module(module), name)

@@ -33,6 +33,7 @@ class TrainConfig:
     trainable: "default" (the model's own choice: HMT's memory, everything for from-scratch models),
         "memory" (HMT memory parameters), "lora" (memory + LoRA adapters) or "full".
     lr_scales: learning-rate multiplier per parameter group of the model (e.g. {"no_decay": 0.5}).
+    max_minutes: stop once this much training time (validation excluded) has been spent in one run.
     carry_state: carry the model's state, detached, from each batch to the next (contiguous-stream
         loaders; truncated BPTT across windows of the same document).
     gradient_checkpointing: recompute backbone activations in the backward pass.
@@ -63,6 +64,7 @@ class TrainConfig:
     trainable: str = "default"
     lr_scales: dict = field(default_factory=dict)
     carry_state: bool = False
+    max_minutes: float | None = None
     gradient_checkpointing: bool = False
     loss_skip_segments: int = 0
     eval_every: int = 50
@@ -94,6 +96,8 @@ class TrainConfig:
             integer(name, 0)
         if self.eval_batches is not None:
             integer("eval_batches", 1)
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max_minutes must be > 0 (or unset), got {self.max_minutes!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0 or self.clip < 0 or self.eps <= 0:

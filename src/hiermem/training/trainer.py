@@ -46,7 +46,8 @@ CARRIED_STATE = "trainer_carried_state-{:05d}.safetensors"
 
 @dataclass
 class TrainResult:
-    """How a run ended. status: "completed", "early_stopped" or "interrupted" (by a signal)."""
+    """How a run ended. status: "completed", "budget" (``max_minutes`` of training time spent),
+    "early_stopped" or "interrupted" (by a signal)."""
 
     status: str
     step: int
@@ -484,9 +485,14 @@ class Trainer:
             self._signal = self._signal or signal.SIGTERM
             return "interrupted"
         cfg = self.cfg
-        due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
+        spent = cfg.max_minutes is not None and bool(self.acc.reduce(torch.tensor(
+            [float(self._clock[0] >= 60.0 * cfg.max_minutes)], device=self.device), reduction="sum") > 0)
+        due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps or spent
         if self.val_data is not None and due and self._validate(monitor):
             return "early_stopped"
+        if spent:
+            log.info("training-time budget of %.1f min spent at step %d", cfg.max_minutes, self.step)
+            return "budget"
         return "completed"
 
     def _validate(self, monitor: Monitor) -> bool:
