@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             func = _resolve(COMMANDS[chosen])
             if chosen in DISPATCH:
                 word, i = _chosen(argv[at + 1:])
-                if word is None:
-                    func = None  # `hiermem train --help`: list what can follow
+                if word is None:  # `hiermem train [--help]`: list what can follow
+                    print(_dispatch_help(chosen))
+                    return 0
                 else:
                     func = func(word)
                     if DISPATCH[chosen]:  # the word names the action, not an argument: drop it
@@ -146,16 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, target in COMMANDS.items():
-        if name == chosen and func is not None:
+        if name == chosen:
             build_parser(func, sub.add_parser(name, help=_doc_parts(func)[0].split("\n")[0]),
                          suppress="config" in inspect.signature(func).parameters)
         else:
-            sub.add_parser(name, help=_SUMMARIES.get(name, ""), add_help=name not in COMMANDS or name != chosen)
+            sub.add_parser(name, help=_SUMMARIES.get(name, ""), add_help=False)
     args = top.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None or func is None:
-        top.print_help() if args.command is None else print(_dispatch_help(args.command))
+    if args.command is None:
+        top.print_help()
         return 0
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
     try:

@@ -59,7 +59,7 @@ def read_config(func, spec: str) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: section {key!r} must be a mapping")
             out[dict_sections[key]] = value
-        elif isinstance(value, dict) and key not in params:
+        elif isinstance(value, dict):
             for sub, v in value.items():
                 put(sub, v, f"{key}.{sub}")
         else:

@@ -1,7 +1,8 @@
-"""``hiermem eval``: perplexity against baselines, recall tasks and memory diagnostics in one run."""
+"""``hiermem eval``: perplexity and bits per byte against baselines, recall tasks and memory diagnostics."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 from hiermem.errors import ConfigError
 from hiermem.evaluation import report
 from hiermem.evaluation.diagnostics import memory_diagnostics, plot_diagnostics
-from hiermem.evaluation.loading import load_eval_models, load_token_documents, select_documents
-from hiermem.evaluation.perplexity import HMT_METHODS, METHODS, check_methods, evaluate_perplexity
-from hiermem.evaluation.readers import hmt_greedy, sliding_greedy
+from hiermem.evaluation.loading import checkpoint_spec, load_eval_models, load_token_documents, select_documents
+from hiermem.evaluation.perplexity import available_methods, check_methods, default_methods, evaluate_perplexity
+from hiermem.evaluation.readers import model_greedy, sliding_greedy
 from hiermem.evaluation.tasks import haystack_pool, needle_samples, passkey_samples, run_recall
 
 log = logging.getLogger(__name__)
@@ -19,32 +20,62 @@ log = logging.getLogger(__name__)
 EVAL_TASKS = ("perplexity", "passkey", "needle", "diagnostics")
 
 
+def _stage2(spec) -> list[str]:
+    """The variants whose recall traces feed the memory diagnostics (HMT stage 2)."""
+    return [m for m, changes in spec.eval_variants.items() if changes.get("stage") == 2]
+
+
+def _check_args(spec, methods, tasks, **numbers) -> tuple[list[str], list[str]]:
+    """Validate what is cheap to check before loading anything; (methods, tasks) with defaults filled in."""
+    for name, value in numbers.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    stage2 = _stage2(spec)
+    tasks = list(dict.fromkeys(tasks or (EVAL_TASKS if stage2 else [t for t in EVAL_TASKS if t != "diagnostics"])))
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if unknown or not tasks:
+        raise ConfigError(f"unknown task(s) {unknown or tasks}; choose among {', '.join(EVAL_TASKS)}")
+    if "diagnostics" in tasks and not stage2:
+        raise ConfigError(f"memory diagnostics need an HMT checkpoint (stage-2 recall traces); a {spec.model_type} "
+                          "model has none: drop 'diagnostics' from --tasks")
+    methods = check_methods(methods or default_methods(spec), available_methods(spec))
+    if "diagnostics" in tasks and "perplexity" not in tasks:
+        methods = stage2  # the traces come from their pass
+    return methods, tasks
+
+
 def evaluate(checkpoint: str | None = None, backbone: str | None = None, source: str = "shakespeare",
              split: str = "test", text_column: str = "text", documents: int = 4, max_tokens: int | None = 4096,
-             methods: tuple[str, ...] = METHODS, tasks: tuple[str, ...] = EVAL_TASKS,
+             methods: tuple[str, ...] = (), tasks: tuple[str, ...] = (), segment_length: int = 256,
              window: int | None = None, stride: int | None = None, full_context: int | None = None,
              cache_size: int | None = None, recall_lengths: tuple[int, ...] = (1024, 4096),
              recall_samples: int = 3, seed: int = 0, batch_size: int = 8, baseline_bos: bool | None = None,
              output: str | None = "eval-results", device: str | None = None, dtype: str | None = None) -> int:
-    """Long-document perplexity of HMT against backbone baselines, recall tasks and memory diagnostics.
+    """Long-document perplexity and bits per byte of a checkpoint (any model family) against backbone
+    baselines, recall tasks and memory diagnostics.
 
     Every method reads the same documents and scores the same tokens (each token but a document's
-    first exactly once); perplexity is exp(mean token NLL), overall and by segment index. Results
-    go to the terminal and, under --output, to results.json, perplexity.csv, recall.csv and
+    first exactly once); perplexity is exp(mean token NLL) and bits per byte the summed NLL over
+    ln 2 times the UTF-8 bytes of the scored text, overall and by segment index. Results go to the
+    terminal and, under --output, to results.json, perplexity.csv, recall.csv and
     memory_diagnostics.png.
 
     Args:
-        checkpoint: HMT checkpoint folder or released-weights name; unset: the released weights,
-            else untrained memory over the bundled backbone
-        backbone: backbone spec; unset: the one the checkpoint was trained on
+        checkpoint: checkpoint folder (trained, released or quantized) or released-weights name;
+            unset: the released weights, else untrained HMT memory over the bundled backbone
+        backbone: backbone spec of models that wrap one (HMT); unset: the one the checkpoint was trained on
         source: documents: a built-in corpus, a text file or folder, a table, or hf:<dataset>
         split: which split of the source: train, validation, test or all
         text_column: text column of table and hf: sources
-        documents: how many documents (the first ones longer than one segment)
+        documents: how many documents (the first ones longer than one segment for models with segments)
         max_tokens: cut each document to its first N tokens (perplexity)
-        methods: perplexity methods: chunks, sliding, full, sensory, rmt, hmt-fifo, hmt-attention
-        tasks: what to run: perplexity, passkey, needle, diagnostics
-        window: sliding-window length in tokens; unset: the HMT segment length
+        methods: perplexity methods: model (the checkpoint as saved), its model type's variants (HMT:
+            sensory, rmt, hmt-fifo, hmt-attention) and, for models with a backbone, the baselines
+            chunks, sliding, full; unset: HMT: the baselines and variants; other models: model
+        tasks: what to run: perplexity, passkey, needle, diagnostics (HMT only); unset: all that apply
+        segment_length: tokens per segment of the by-segment figures for models without segments
+            of their own (HMT uses its segment length)
+        window: sliding-window length in tokens; unset: the segment length
         stride: sliding-window stride; unset: window // 2
         full_context: context cap of the full-context baseline; unset: the backbone's positions
         cache_size: override the HMT memory cache size N (eviction only acts on documents longer
@@ -59,17 +90,16 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         device: cpu, cuda, cuda:N; unset: CUDA when present
         dtype: float32, bfloat16, float16; unset: float32 on CPU, bfloat16 on CUDA
     """
-    tasks = list(dict.fromkeys(tasks))
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if unknown or not tasks:
-        raise ConfigError(f"unknown task(s) {unknown or tasks}; choose among {', '.join(EVAL_TASKS)}")
-    methods = check_methods(methods)
-    if "diagnostics" in tasks and "perplexity" not in tasks:
-        methods = [m for m in HMT_METHODS if HMT_METHODS[m].get("stage") == 2]  # traces come from their pass
+    spec = checkpoint_spec(checkpoint)
+    methods, tasks = _check_args(spec, methods, tasks, documents=documents, max_tokens=max_tokens,
+                                 segment_length=segment_length, window=window, stride=stride,
+                                 full_context=full_context, cache_size=cache_size, batch_size=batch_size)
+    if cache_size is not None and "cache_size" not in _config_fields(spec):
+        raise ConfigError(f"--cache-size applies to HMT memory; a {spec.model_type} model has no cache")
     overrides = {"cache_size": cache_size} if cache_size is not None else {}
     started = time.perf_counter()
     models = load_eval_models(checkpoint, backbone, methods, device=device, dtype=dtype, **overrides)
-    tok = models.backbone.tokenizer
+    tok = models.tokenizer
     all_docs = load_token_documents(tok, source, split, text_column=text_column)
     samples = []  # generated first: bad lengths fail before any long computation
     if "passkey" in tasks:
@@ -77,12 +107,15 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
     if "needle" in tasks:
         samples += needle_samples(tok, haystack_pool(tok, [d.ids for d in all_docs]), recall_lengths,
                                   recall_samples, seed)
-    results: dict = {"checkpoint": checkpoint or "default", "backbone": models.backbone.spec, "source": source,
-                     "split": split}
+    results: dict = {"checkpoint": checkpoint or "default", "model_type": models.model_type,
+                     "backbone": models.backbone.spec if models.backbone is not None else None,
+                     "source": source, "split": split}
     if "perplexity" in tasks or "diagnostics" in tasks:
-        docs = select_documents(all_docs, min_tokens=models.model.config.segment_length + 1,
-                                max_tokens=max_tokens, max_documents=documents)
-        results.update(_perplexity(models, docs, methods, tasks, window=window, stride=stride,
+        own = getattr(models.model.config, "segment_length", None)
+        L = own or segment_length
+        docs = select_documents(all_docs, min_tokens=L + 1 if own else 2, max_tokens=max_tokens,
+                                max_documents=documents)
+        results.update(_perplexity(models, docs, methods, tasks, L, window=window, stride=stride,
                                    full_context=full_context, batch_size=batch_size, baseline_bos=baseline_bos))
     if samples:
         results["recall"] = _recall(models, samples, window, seed, baseline_bos)
@@ -92,8 +125,15 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
     return 0
 
 
+def _config_fields(spec) -> set[str]:
+    cls = spec.config_class()
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
 def _bos(models, baseline_bos: bool | None) -> int | None:
     """BOS to put before every backbone window: when asked, else for backbones that need it (Gemma)."""
+    if models.backbone is None:
+        return None
     wanted = models.backbone.needs_bos if baseline_bos is None else baseline_bos
     bos = models.backbone.tokenizer.bos_token_id
     if wanted and bos is None:
@@ -101,36 +141,47 @@ def _bos(models, baseline_bos: bool | None) -> int | None:
     return bos if wanted else None
 
 
-def _perplexity(models, docs, methods, tasks, baseline_bos: bool | None = None, **options) -> dict:
+def _perplexity(models, docs, methods, tasks, segment_length: int, baseline_bos: bool | None = None,
+                **options) -> dict:
     """The perplexity comparison (and the diagnostics from its HMT traces), printed; their results."""
     cfg = models.model.config
     longest = max(int(d.ids.shape[0]) for d in docs)
-    if "hmt-attention" in methods and longest <= cfg.segment_length * (cfg.cache_size + 1):
+    cache = getattr(cfg, "cache_size", None)
+    if "hmt-attention" in methods and cache is not None and longest <= segment_length * (cache + 1):
         log.warning("no document outlasts the cache (%d segments of %d tokens): FIFO and attention eviction give "
-                    "identical results; lower --cache-size to compare them", cfg.cache_size, cfg.segment_length)
-    ppl = evaluate_perplexity(models.variants, models.backbone.model, docs, methods, cfg.segment_length,
-                              bos_token_id=_bos(models, baseline_bos), recall="diagnostics" in tasks, **options)
+                    "identical results; lower --cache-size to compare them", cache, segment_length)
+    ppl = evaluate_perplexity(models.variants, models.backbone.model if models.backbone is not None else None,
+                              docs, methods, segment_length, bos_token_id=_bos(models, baseline_bos),
+                              recall="diagnostics" in tasks, tokenizer=models.tokenizer, **options)
     out = {}
     if "perplexity" in tasks:
         out["perplexity"] = ppl.to_dict()
-        print(f"\nPerplexity on {len(docs)} document(s), {ppl.settings['tokens_scored']} tokens scored per method, "
-              f"segment length {cfg.segment_length}:")
+        s = ppl.settings
+        print(f"\nPerplexity on {len(docs)} document(s), {s['tokens_scored']} tokens ({s.get('bytes_scored', '?')} "
+              f"bytes) scored per method, segment length {segment_length}:")
         print(report.perplexity_table(out["perplexity"]))
     if "diagnostics" in tasks:
-        out["diagnostics"] = memory_diagnostics(ppl.traces, cfg.cache_size)
+        out["diagnostics"] = memory_diagnostics(ppl.traces, cache)
         print("\nMemory diagnostics (recall distance in segments; eviction ages):")
         print(report.diagnostics_table(out["diagnostics"]))
     return out
 
 
 def _recall(models, samples, window: int | None, seed: int, baseline_bos: bool | None = None) -> dict:
-    """HMT against the sliding-window backbone on the recall samples, printed; the results."""
-    tok, win = models.backbone.tokenizer, window or models.model.config.segment_length
-    eos, bos = tok.eos_token_id, _bos(models, baseline_bos)
-    answerers = {"hmt": lambda ids, n: hmt_greedy(models.model, ids, n, eos),
-                 "sliding": lambda ids, n: sliding_greedy(models.backbone.model, ids, win, n, eos, bos)}
+    """The model (named by its type, e.g. hmt) against the sliding-window backbone when there is one,
+    on the recall samples, printed; the results."""
+    tok = models.tokenizer
+    eos = tok.eos_token_id
+    answerers = {models.model_type: lambda ids, n: model_greedy(models.model, ids, n, eos)}
+    title = f"Recall accuracy ({models.model_type}, seed {seed}):"
+    if models.backbone is not None:
+        win = window or getattr(models.model.config, "segment_length", None) or 256
+        bos = _bos(models, baseline_bos)
+        answerers["sliding"] = lambda ids, n: sliding_greedy(models.backbone.model, ids, win, n, eos, bos)
+        title = (f"Recall accuracy ({models.model_type.upper()} vs the backbone with a {win}-token sliding window, "
+                 f"seed {seed}):")
     res = run_recall(samples, answerers, tok)
-    print(f"\nRecall accuracy (HMT vs the backbone with a {win}-token sliding window, seed {seed}):")
+    print("\n" + title)
     print(report.recall_table(res["summary"]))
     return res
 

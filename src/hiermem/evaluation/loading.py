@@ -1,16 +1,19 @@
-"""Load what an evaluation needs, once: the backbone, HMT variants of one checkpoint, tokenised documents."""
+"""Load what an evaluation needs, once: the checkpoint and its variants, the backbone of the
+baselines (models that wrap one), the tokenizer, tokenised documents."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from hiermem.backbones import DEFAULT_BACKBONE, Backbone, load_backbone, resolve_device, resolve_dtype
-from hiermem.errors import DataError
-from hiermem.evaluation.perplexity import HMT_METHODS, TokenDocument
+from hiermem.backbones import (DEFAULT_BACKBONE, Backbone, load_backbone, resolve_device, resolve_dtype,
+                               resolve_spec)
+from hiermem.errors import CheckpointError, ConfigError, DataError
+from hiermem.evaluation.perplexity import MODEL_METHOD, TokenDocument, available_methods, check_methods
 from hiermem.io import read_json
-from hiermem.models import load_model, model_folder
+from hiermem.models import ModelSpec, folder_model_type, load_model, model_folder, model_spec
 
 
 def checkpoint_config(checkpoint: str | None) -> dict:
@@ -19,44 +22,100 @@ def checkpoint_config(checkpoint: str | None) -> dict:
     return read_json(folder / "config.json") if folder is not None else {}
 
 
+def checkpoint_spec(checkpoint: str | None) -> ModelSpec:
+    """The registry spec of a checkpoint's model type (no weights read); untrained memory is HMT."""
+    folder = model_folder(checkpoint)
+    return model_spec(folder_model_type(folder) if folder is not None else "hmt")
+
+
 @dataclass
 class EvalModels:
-    """The bare backbone (baselines, tokenizer), the checkpoint as saved, and its variants by method."""
+    """What an evaluation reads with: the backbone of the baselines (None for models without one),
+    the checkpoint as saved, its variants by method (``model`` included when asked for), the
+    tokenizer (``model.tokenizer``; for HMT the backbone's) and the registry spec."""
 
-    backbone: Backbone
+    backbone: Backbone | None
     model: torch.nn.Module
     variants: dict = field(default_factory=dict)
+    tokenizer: object = None
+    spec: ModelSpec | None = None
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            self.tokenizer = getattr(self.model, "tokenizer", None)
+
+    @property
+    def model_type(self) -> str:
+        return self.spec.model_type if self.spec is not None else self.model.config.model_type
+
+
+def _check_overrides(spec: ModelSpec, overrides: dict) -> None:
+    cls = spec.config_class()
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(overrides)
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"{spec.model_type} models have no option(s) {', '.join(unknown)}")
 
 
 def load_eval_models(checkpoint: str | None = None, backbone: str | None = None, methods=(),
                      device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                      **overrides) -> EvalModels:
-    """Load the backbone once and the HMT variants that ``methods`` name (``rmt``, ``hmt-fifo``, ...).
+    """Load the checkpoint (via :func:`hiermem.models.load_model`), the variants that ``methods`` name
+    (``model``, ``rmt``, ``hmt-fifo``, ...) and, for models with a pretrained backbone, that backbone.
 
     ``backbone`` defaults to the one the checkpoint names; a checkpoint made for another backbone
-    raises :class:`CheckpointError`. ``overrides`` change HMT config fields (e.g. ``cache_size``).
-    Variants share the backbone, except with LoRA checkpoints (adapters are injected in place, so
-    each variant gets its own copy and the baselines keep the bare backbone).
+    raises :class:`CheckpointError`; models without one refuse it (ConfigError). ``overrides``
+    change config fields (e.g. ``cache_size``). Variants share the backbone, except with LoRA
+    checkpoints (adapters are injected in place, so each variant gets its own copy and the
+    baselines keep the bare backbone). Quantized folders load their int8 model (CPU); its int8
+    backbone serves the baselines.
     """
+    from hiermem.inference.quantize import is_quantized
+
+    folder = model_folder(checkpoint)
+    spec = checkpoint_spec(checkpoint)
+    methods = check_methods(methods, available_methods(spec)) if methods else []
+    _check_overrides(spec, overrides)
+    if backbone and not spec.pretrained_backbone:
+        raise ConfigError(f"{spec.model_type} models have no pretrained backbone: drop --backbone")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    saved = checkpoint_config(checkpoint)
-    spec = backbone or saved.get("backbone") or DEFAULT_BACKBONE
-    bb = load_backbone(spec, device=dev, dtype=dt)
-    lora = bool(saved.get("lora"))
+    bb = None
+    if folder is not None and is_quantized(folder):
+        def load(**changes):
+            return load_model(checkpoint, **{**overrides, **changes}).eval()
 
-    def load(**changes):
-        hb = load_backbone(spec, device=dev, dtype=dt) if lora else bb
-        return load_model(checkpoint, backbone=hb, device=dev, dtype=dt, **{**overrides, **changes}).eval()
+        model = load()
+        if spec.pretrained_backbone:
+            sub = str(folder / "backbone")
+            bb = Backbone(model=model.backbone, tokenizer=model.tokenizer, spec=sub, needs_bos=resolve_spec(sub)[1])
+    elif spec.pretrained_backbone:
+        saved = read_json(folder / "config.json") if folder is not None else {}
+        bspec = backbone or saved.get("backbone") or DEFAULT_BACKBONE
+        bb = load_backbone(bspec, device=dev, dtype=dt)
+        lora = bool(saved.get("lora"))
 
-    model = load()
+        def load(**changes):
+            hb = load_backbone(bspec, device=dev, dtype=dt) if lora else bb
+            return load_model(checkpoint, backbone=hb, device=dev, dtype=dt, **{**overrides, **changes}).eval()
+
+        model = load()
+    else:
+        def load(**changes):
+            return load_model(checkpoint, device=dev, dtype=dt, **{**overrides, **changes}).eval()
+
+        model = load()
+    if getattr(model, "tokenizer", None) is None:
+        raise CheckpointError(f"{folder} holds no tokenizer (tokenizer/): save the model with its tokenizer")
     variants = {}
     for method in methods:
-        if method in HMT_METHODS:
-            changes = HMT_METHODS[method]
+        if method == MODEL_METHOD:
+            variants[method] = model
+        elif method in spec.eval_variants:
+            changes = spec.eval_variants[method]
             same = all(getattr(model.config, k) == v for k, v in changes.items())
             variants[method] = model if same else load(**changes)
-    return EvalModels(bb, model, variants)
+    return EvalModels(bb, model, variants, model.tokenizer, spec)
 
 
 def tokenize(tokenizer, text: str) -> list[int]:

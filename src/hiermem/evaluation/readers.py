@@ -1,4 +1,4 @@
-"""How HMT and the sliding-window backbone read a long input, then answer greedily."""
+"""How a hiermem model (any family) and the sliding-window backbone read a long input, then answer greedily."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from hiermem.inference.generate import GenerationConfig, generate, make_decoder
 
 @torch.no_grad()
 def read_prompt(model, ids: torch.Tensor):
-    """Read all whole segments of ``ids`` (B, T) but the last token's into a fresh decoder.
+    """Read ``ids`` (B, T) but its last token into a fresh decoder (models with segments, e.g. HMT:
+    only the whole segments before the last token, as they read in training).
 
     Returns the decoder and the ids left to feed it (B, >= 1).
     """
-    L = model.config.segment_length
-    k = (ids.shape[1] - 1) // L * L
+    L = getattr(model.config, "segment_length", None)
+    k = (ids.shape[1] - 1) // L * L if L else ids.shape[1] - 1
     decoder = make_decoder(model, batch_size=ids.shape[0])
     if k:
         decoder.feed(ids[:, :k])
@@ -22,18 +23,21 @@ def read_prompt(model, ids: torch.Tensor):
 
 
 @torch.no_grad()
-def hmt_generate(model, ids: torch.Tensor, cfg: GenerationConfig, decode=None):
-    """Continue ``ids`` (T,) with HMT through :func:`hiermem.inference.generate.generate` (its output;
-    with ``decode``, ``.text`` is cut before any of ``cfg.stop_strings``)."""
+def model_generate(model, ids: torch.Tensor, cfg: GenerationConfig, decode=None):
+    """Continue ``ids`` (T,) with any hiermem model through :func:`hiermem.inference.generate.generate`
+    (its output; with ``decode``, ``.text`` is cut before any of ``cfg.stop_strings``)."""
     decoder, rest = read_prompt(model, ids[None].to(model.device))
     return generate(model, rest, cfg, decoder=decoder, decode=decode)
 
 
-def hmt_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-    """Greedy continuation of ``ids`` (T,) by HMT (a final EOS dropped)."""
+def model_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy continuation of ``ids`` (T,) by any hiermem model (a final EOS dropped)."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id)
-    out = hmt_generate(model, ids, cfg).tokens[0].tolist()
+    out = model_generate(model, ids, cfg).tokens[0].tolist()
     return out[:-1] if out and out[-1] == eos_token_id else out
+
+
+hmt_generate, hmt_greedy = model_generate, model_greedy  # names the lm-eval adapter and older tests use
 
 
 @torch.no_grad()

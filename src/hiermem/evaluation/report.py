@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from hiermem.evaluation.perplexity import METHODS
+from hiermem.evaluation.perplexity import BACKBONE_METHODS, METHODS, MODEL_METHOD
 from hiermem.io import atomic_write_bytes, atomic_write_json
 
 
@@ -37,39 +37,58 @@ def segment_buckets(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _bucket(by_segment: list[dict], lo: int, hi: int) -> tuple[float, int]:
+def _bucket(by_segment: list[dict], lo: int, hi: int, metric: str = "ppl") -> tuple[float, int]:
+    """(ppl or bpb, tokens) of segments lo..hi-1 together (token- or byte-weighted)."""
     rows = [r for r in by_segment[lo:hi] if r["tokens"]]
     tokens = sum(r["tokens"] for r in rows)
-    return (math.exp(sum(r["nll"] * r["tokens"] for r in rows) / tokens) if tokens else float("nan")), tokens
+    nll_sum = sum(r["nll"] * r["tokens"] for r in rows)
+    if metric == "bpb":
+        nbytes = sum(r.get("bytes") or 0 for r in rows)
+        return (nll_sum / (math.log(2) * nbytes) if nbytes else float("nan")), tokens
+    return (math.exp(nll_sum / tokens) if tokens else float("nan")), tokens
 
 
 def _in_method_order(methods: dict) -> dict:
-    """The methods in the order of METHODS (JSON files written with sorted keys lose it)."""
-    rank = {m: i for i, m in enumerate(METHODS)}
+    """The baselines, ``model``, then HMT's variants in METHODS order, then the rest as given (JSON
+    files written with sorted keys lose the order)."""
+    order = [*BACKBONE_METHODS, MODEL_METHOD, *METHODS]
+    rank = {m: i for i, m in enumerate(dict.fromkeys(order))}
     return dict(sorted(methods.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def perplexity_table(result: dict) -> str:
-    """Methods x (overall, change vs chunks, segment-index buckets), plus a row of token counts."""
+    """Methods x (ppl, bpb when known, change vs chunks when present, ppl by segment-index bucket),
+    a row of token counts; then, when bytes are known, bits per byte by the same buckets."""
     methods = _in_method_order(result["methods"])
     n = max(len(m["by_segment"]) for m in methods.values())
     buckets = segment_buckets(n)
     names = [f"seg {lo}" if hi - lo == 1 else f"seg {lo}-{hi - 1}" for lo, hi in buckets]
+    has_bpb = all("bpb" in m for m in methods.values())
     ref = methods.get("chunks", {}).get("ppl")
     rows = []
     for name, m in methods.items():
-        change = f"{100 * (m['ppl'] / ref - 1):+.1f}%" if ref else "-"
-        rows.append([name, m["ppl"], change, *(_bucket(m["by_segment"], lo, hi)[0] for lo, hi in buckets)])
+        extra = [m["bpb"]] if has_bpb else []
+        change = [f"{100 * (m['ppl'] / ref - 1):+.1f}%"] if ref else []
+        rows.append([name, m["ppl"], *extra, *change, *(_bucket(m["by_segment"], lo, hi)[0] for lo, hi in buckets)])
     first = next(iter(methods.values()))
-    rows.append(["tokens", first["tokens"], "", *(_bucket(first["by_segment"], lo, hi)[1] for lo, hi in buckets)])
-    return format_table(["method", "ppl", "vs chunks", *names], rows)
+    pad = [""] * (int(has_bpb) + int(bool(ref)))
+    rows.append(["tokens", first["tokens"], *pad, *(_bucket(first["by_segment"], lo, hi)[1] for lo, hi in buckets)])
+    headers = ["method", "ppl", *(["bpb"] if has_bpb else []), *(["vs chunks"] if ref else []), *names]
+    table = format_table(headers, rows)
+    if has_bpb:
+        bpb_rows = [[name, m["bpb"], *(_bucket(m["by_segment"], lo, hi, "bpb")[0] for lo, hi in buckets)]
+                    for name, m in methods.items()]
+        bpb_rows.append(["bytes", first.get("bytes", ""),
+                         *(sum(r.get("bytes") or 0 for r in first["by_segment"][lo:hi]) for lo, hi in buckets)])
+        table += "\n\nBits per byte:\n" + format_table(["method", "bpb", *names], bpb_rows)
+    return table
 
 
 def perplexity_rows(result: dict) -> list[dict]:
-    """Flat rows for CSV: one per method and segment index, plus segment 'all'."""
+    """Flat rows for CSV: one per method and segment index, plus segment 'all' (bpb, bytes when known)."""
     rows = []
     for name, m in _in_method_order(result["methods"]).items():
-        rows.append({"method": name, "segment": "all", "ppl": m["ppl"], "nll": m["nll"], "tokens": m["tokens"]})
+        rows.append({"method": name, "segment": "all", **{k: v for k, v in m.items() if k != "by_segment"}})
         rows += [{"method": name, **r} for r in m["by_segment"]]
     return rows
 

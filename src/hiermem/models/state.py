@@ -205,6 +205,9 @@ class ModelState:
             state = cls._build(meta.get("fields", {}), tensors)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"state {path} lacks {exc}; the file is incomplete or from another version") from exc
+        # fresh, aligned storage: BLAS kernels may round differently on the file buffer's offsets,
+        # which a bit-exact resume would notice
+        state = state.map_tensors(lambda t, d: t.clone())
         return state.to(dtype=dtype) if dtype is not None else state
 
 
