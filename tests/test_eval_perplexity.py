@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hiermem.errors import CheckpointError, ConfigError, DataError
-from hiermem.evaluation import (NLLTally, TokenDocument, evaluate_perplexity, hmt_nll, load_eval_models,
+from hiermem.evaluation import (NLLTally, TokenDocument, evaluate_perplexity, load_eval_models, model_nll,
                                 plan_windows, window_nll)
 from tiny import random_ids, tiny_backbone, tiny_hmt, tiny_model_folder, tiny_tokenizer
 
@@ -80,11 +80,11 @@ def test_full_context_in_cached_blocks_equals_one_pass():
     torch.testing.assert_close(blocks, one_pass, rtol=0, atol=1e-10)
 
 
-def test_hmt_nll_matches_forward_loss():
+def test_model_nll_matches_forward_loss():
     model = tiny_hmt("llama", dtype=torch.float64)
     ids = random_ids(1, 70)[0]
     with torch.no_grad():
-        nll, _ = hmt_nll(model, ids)
+        nll, _ = model_nll(model, ids)
         out = model(ids[None], labels=ids[None])
     assert nll.shape == (69,) and out.num_tokens == 69
     torch.testing.assert_close(nll.mean(), out.loss, rtol=0, atol=1e-10)
@@ -161,3 +161,17 @@ def test_checkpoint_for_another_backbone_is_refused(tmp_path):
     tiny_tokenizer(chat_template=False).save_pretrained(other)
     with pytest.raises(CheckpointError, match="built for a backbone"):
         load_eval_models(str(ckpt), str(other), device="cpu")
+
+
+def test_eval_models_of_an_hmt_checkpoint(tmp_path):
+    """`model` is the checkpoint as saved; registry variants load with their overrides; one tokenizer."""
+    ckpt = tiny_model_folder(tmp_path, chat_template=False)
+    models = load_eval_models(str(ckpt), methods=["chunks", "model", "rmt", "hmt-fifo"], device="cpu")
+    assert models.model_type == "hmt" and models.backbone is not None
+    assert models.tokenizer is models.backbone.tokenizer is models.model.tokenizer
+    assert models.variants["model"] is models.model and models.variants["hmt-fifo"] is models.model
+    assert models.variants["rmt"].config.stage == 1 and models.model.config.stage == 2
+    with pytest.raises(ConfigError, match="unknown perplexity method.*choose among chunks, sliding, full, model"):
+        load_eval_models(str(ckpt), methods=["transformer-xl"], device="cpu")
+    with pytest.raises(ConfigError, match="no option"):
+        load_eval_models(str(ckpt), device="cpu", cache_sise=3)

@@ -206,3 +206,21 @@ def test_yaml_recipe_unknown_key_is_named_and_command_line_wins(tmp_path):
     assert summary["steps"] == 3  # the command line's --steps beat the file's 2
     assert summary["model"]["hidden"] == 12 and summary["train_config"]["lr"] == 0.5
     assert load_model(out / "final").config.hidden == 12
+
+
+def test_compare_trains_under_a_budget_and_reports_bits_per_byte(tmp_path):
+    import json
+
+    from hiermem.cli import main
+
+    code = main(["compare", "--models", "transformer", "--budget-minutes", "0.05", "--documents", "1",
+                 "--max-chars", "1500", "--bin-bytes", "500", "--passkey-lengths", "300", "--passkey-samples", "1",
+                 "--vocab-size", "400", "--output", str(tmp_path / "cmp")])
+    assert code == 0
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())["models"]["transformer"]
+    assert res["training"]["status"] == "budget" and res["training"]["steps"] >= 1
+    assert 0 < res["bpb"] < 20 and len(res["by_position"]) == 3
+    # bits per byte over all bins equals the overall figure (bytes-weighted)
+    total = sum(b["bpb"] * b["bytes"] for b in res["by_position"]) / sum(b["bytes"] for b in res["by_position"])
+    assert abs(total - res["bpb"]) < 1e-9
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("transformer") >= 1

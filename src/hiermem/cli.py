@@ -25,6 +25,7 @@ COMMANDS = {
     "demo": "hiermem.commands:demo",
     "train": "hiermem.training.cli:train_function",  # dispatches on the model type
     "eval": "hiermem.evaluation.cli:evaluate",
+    "compare": "hiermem.evaluation.compare:compare",
     "generate": "hiermem.inference.cli:generate",
     "chat": "hiermem.inference.chat:chat",
     "serve": "hiermem.inference.server:serve",
@@ -188,6 +189,7 @@ _SUMMARIES = {
     "demo": "the main job on bundled defaults: HMT vs the plain backbone on a long document",
     "train": "train a model: HMT's two-stage recipe, or any other family from scratch",
     "eval": "long-document perplexity against baselines, recall tasks, memory diagnostics",
+    "compare": "model families side by side: same text, same training budget, bits per byte",
     "generate": "generate text with memory (prompts longer than the window are fine)",
     "chat": "interactive chat with memory that persists across turns and runs",
     "serve": "OpenAI-compatible HTTP server with per-session memory",

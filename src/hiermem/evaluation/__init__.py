@@ -13,7 +13,8 @@ from hiermem.evaluation.loading import (EvalModels, checkpoint_spec, load_eval_m
                                         select_documents)
 from hiermem.evaluation.perplexity import (BACKBONE_METHODS, METHODS, MODEL_METHOD, NLLTally, PerplexityResult,
                                            TokenDocument, available_methods, default_methods, evaluate_perplexity,
-                                           hmt_nll, model_nll, plan_windows, score_model, segment_bytes, window_nll)
+                                           hmt_nll, model_nll, plan_windows, score_model, segment_bytes, token_bytes,
+                                           window_nll)
 from hiermem.evaluation.readers import hmt_greedy, model_generate, model_greedy, read_prompt, sliding_greedy
 from hiermem.evaluation.tasks import extract_answer, haystack_pool, needle_samples, passkey_samples, run_recall
 
@@ -23,4 +24,4 @@ __all__ = ["BACKBONE_METHODS", "METHODS", "MODEL_METHOD", "EvalModels", "NLLTall
            "load_token_documents", "memory_diagnostics", "model_generate", "model_greedy", "model_nll",
            "needle_samples", "passkey_samples", "plan_windows", "plot_diagnostics", "read_prompt",
            "recall_histogram", "run_recall", "score_model", "segment_bytes", "select_documents",
-           "sliding_greedy", "window_nll"]
+           "sliding_greedy", "token_bytes", "window_nll"]

@@ -28,8 +28,9 @@ def _stage2(spec) -> list[str]:
 def _check_args(spec, methods, tasks, **numbers) -> tuple[list[str], list[str]]:
     """Validate what is cheap to check before loading anything; (methods, tasks) with defaults filled in."""
     for name, value in numbers.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        least = 2 if name == "max_tokens" else 1  # a document's first token is never scored
+        if value is not None and value < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     stage2 = _stage2(spec)
     tasks = list(dict.fromkeys(tasks or (EVAL_TASKS if stage2 else [t for t in EVAL_TASKS if t != "diagnostics"])))
     unknown = [t for t in tasks if t not in EVAL_TASKS]
@@ -61,8 +62,8 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
     memory_diagnostics.png.
 
     Args:
-        checkpoint: checkpoint folder (trained, released or quantized) or released-weights name;
-            unset: the released weights, else untrained HMT memory over the bundled backbone
+        checkpoint: checkpoint folder (trained, released or quantized) or released-weights name; unset:
+            the released weights, else untrained HMT memory over the bundled backbone
         backbone: backbone spec of models that wrap one (HMT); unset: the one the checkpoint was trained on
         source: documents: a built-in corpus, a text file or folder, a table, or hf:<dataset>
         split: which split of the source: train, validation, test or all
@@ -93,7 +94,8 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
     spec = checkpoint_spec(checkpoint)
     methods, tasks = _check_args(spec, methods, tasks, documents=documents, max_tokens=max_tokens,
                                  segment_length=segment_length, window=window, stride=stride,
-                                 full_context=full_context, cache_size=cache_size, batch_size=batch_size)
+                                 full_context=full_context, cache_size=cache_size, batch_size=batch_size,
+                                 recall_samples=recall_samples)
     if cache_size is not None and "cache_size" not in _config_fields(spec):
         raise ConfigError(f"--cache-size applies to HMT memory; a {spec.model_type} model has no cache")
     overrides = {"cache_size": cache_size} if cache_size is not None else {}

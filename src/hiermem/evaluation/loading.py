@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hiermem.backbones import (DEFAULT_BACKBONE, Backbone, load_backbone, resolve_device, resolve_dtype,
-                               resolve_spec)
+from hiermem.backbones import DEFAULT_BACKBONE, Backbone, load_backbone, resolve_device, resolve_dtype, resolve_spec
 from hiermem.errors import CheckpointError, ConfigError, DataError
 from hiermem.evaluation.perplexity import MODEL_METHOD, TokenDocument, available_methods, check_methods
 from hiermem.io import read_json

@@ -194,6 +194,12 @@ def segment_bytes(tokenizer, ids, segment_length: int) -> list[int]:
     return out
 
 
+def token_bytes(tokenizer, ids) -> list[int]:
+    """UTF-8 bytes of each scored token 1..T-1 of ``ids`` (T,): a list aligned with :func:`model_nll`'s
+    NLL (T-1,) (:func:`segment_bytes` with L = 1; a character split between tokens counts at its last)."""
+    return segment_bytes(tokenizer, ids, 1)[1:]
+
+
 # --- accumulation ---------------------------------------------------------------------------------
 @dataclass
 class NLLTally:
