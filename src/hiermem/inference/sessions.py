@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -154,9 +153,7 @@ class Session:
         state, current = self.decoder.snapshot()
         if self.pending is not None:
             current = torch.cat([self.pending, current], dim=1)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".session-") as tmp:
-            state.save(Path(tmp) / "memory.safetensors", fingerprint=model_fingerprint(self.model))
-            mem_tensors, mem_meta = load_tensors(Path(tmp) / "memory.safetensors")
+        mem_tensors, mem_meta = state.to_tensors(fingerprint=model_fingerprint(self.model))
         tensors = {f"memory.{k}": v for k, v in mem_tensors.items()}
         tensors["current"] = current
         save_tensors(path, tensors, {"kind": KIND, "memory": mem_meta, "history": self.history,
@@ -175,14 +172,10 @@ class Session:
         if saved and saved != own:
             raise CheckpointError(f"session {path} was made by a different model ({saved}); this model is "
                                   f"{own}. Start a new session (another file) instead.")
-        memory_cls = model.state_class
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".session-") as tmp:
-            save_tensors(Path(tmp) / "memory.safetensors",
-                         {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")},
-                         meta.get("memory", {}))
-            weight = next(model.parameters())
-            memory = memory_cls.load(Path(tmp) / "memory.safetensors", device=weight.device, dtype=weight.dtype,
-                                     fingerprint=own)
+        weight = next(model.parameters())
+        memory = model.state_class.from_tensors(
+            {k[len("memory."):]: v.to(weight.device) for k, v in tensors.items() if k.startswith("memory.")},
+            meta.get("memory", {}), dtype=weight.dtype, fingerprint=own, where=f"session {path}")
         session = cls(model, make_decoder(model, batch_size=1, state=memory), history=list(meta.get("history", [])),
                       transcript=meta.get("transcript", ""), session_id=session_id)
         current = tensors.get("current")

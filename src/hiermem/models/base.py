@@ -32,7 +32,7 @@ from torch import nn
 
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
-from hiermem.models.state import ModelState
+from hiermem.models.state import ModelState, storage_nbytes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -88,8 +88,10 @@ class Decoder:
     """Incremental reader/writer over one model state (batch rows advance in lockstep).
 
     ``feed(ids (B, l))`` reads tokens and returns logits (B, V) for the next one; ``last_logits``
-    holds the latest; ``snapshot()`` returns (state, pending ids (B, c)): a decoder built from that
-    state that is fed the pending ids is in the same condition (sessions save this).
+    holds the latest. ``current`` (B, c) holds tokens read but not yet folded into ``state`` (a
+    segment or window in progress; always empty for models whose calls compose). ``snapshot()``
+    returns (state, current): a decoder built from that state that is fed those ids is in the same
+    condition (sessions save this).
     ``requires_grad``: decoding needs autograd (test-time learning); generation then does not
     switch gradients off.
     """
@@ -101,34 +103,40 @@ class Decoder:
         self.model = model
         self.state = state if state is not None else model.init_state(batch_size)
         self.last_logits = None if last_logits is None else last_logits.float()
+        self.current = torch.zeros(self.state.batch_size, 0, dtype=torch.long, device=model.device)  # (B, c)
 
     @property
     def batch_size(self) -> int:
         return self.state.batch_size
 
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Default: one forward call carrying the state (exact for models whose calls compose)."""
+    @staticmethod
+    def check_ids(ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, l >= 1) (a (B,) vector is one token per row); ValueError when empty."""
         if ids.dim() == 1:
             ids = ids[:, None]
         if ids.shape[1] == 0:
             raise ValueError("feed() needs at least one token")
-        out = self.model(ids, state=self.state, return_logits=False)
+        return ids
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Default: one forward call carrying the state (exact for models whose calls compose)."""
+        out = self.model(self.check_ids(ids), state=self.state, return_logits=False)
         self.state, self.last_logits = out.state, out.last_logits.float()
         return self.last_logits
 
     def snapshot(self) -> tuple[ModelState, torch.Tensor]:
-        return self.state, torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.model.device)
+        return self.state, self.current
 
     @property
     def tokens_seen(self) -> int:
-        return int(getattr(self.state, "tokens", 0))
+        return int(getattr(self.state, "tokens", 0)) + self.current.shape[1]
 
     def stats(self) -> dict:
-        return self.state.stats()
+        return {**self.state.stats(), "tokens": self.tokens_seen, "current_segment_tokens": self.current.shape[1]}
 
     @property
     def nbytes(self) -> int:
-        return _nbytes([v for k, v in vars(self).items() if k != "model"])
+        return storage_nbytes(t for k, v in vars(self).items() if k != "model" for t in _tensors_in(v))
 
     def select_rows(self, idx: torch.Tensor) -> "Decoder":
         """A new decoder on rows ``idx`` (B',) of this one's state (this one is untouched)."""
@@ -168,32 +176,17 @@ def pick_rows(value, idx: torch.Tensor, batch: int, copy_cache: bool):
     return value
 
 
-def _nbytes(values) -> int:
-    seen, total = set(), 0
-
-    def add(t: torch.Tensor):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-
-    def visit(v):
-        if isinstance(v, ModelState):
-            for t, _ in v.named_tensors().values():
-                add(t)
-        elif isinstance(v, torch.Tensor):
-            add(v)
-        elif hasattr(v, "reorder_cache"):
-            for t in _cache_tensors(v):
-                add(t)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-
-    for v in values:
-        visit(v)
-    return total
+def _tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor held by ``value``: states, tensors, transformers KV caches, lists/tuples of those."""
+    if isinstance(value, ModelState):
+        return [t for t, _ in value.named_tensors().values()]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if hasattr(value, "reorder_cache"):
+        return _cache_tensors(value)
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
 class HiermemModel(nn.Module):

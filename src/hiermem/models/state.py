@@ -38,6 +38,17 @@ def batch_field(dim: int | None = 0, **kwargs):
     return field(metadata=metadata, **kwargs)
 
 
+def storage_nbytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once (views share one)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def _nested_state_class(owner: type, name: str):
     """The ModelState subclass a field of ``owner`` is annotated with (Optional unwrapped), or None."""
     hint = typing.get_type_hints(owner).get(name)
@@ -127,13 +138,7 @@ class ModelState:
 
     @property
     def nbytes(self) -> int:
-        seen, total = set(), 0
-        for tensor, _ in self.named_tensors().values():
-            key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += tensor.untyped_storage().nbytes()
-        return total
+        return storage_nbytes(t for t, _ in self.named_tensors().values())
 
     def stats(self) -> dict:
         """Small JSON-able summary (counters, batch size, bytes)."""
@@ -184,31 +189,42 @@ class ModelState:
                 kwargs[f.name] = entry["value"]
         return cls(**kwargs)
 
-    def save(self, path: str | Path, fingerprint: dict | None = None) -> None:
-        """Write the state to one safetensors file (atomic). ``fingerprint`` names the model it
-        belongs to; :meth:`load` refuses the file for any other model."""
+    def to_tensors(self, fingerprint: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """(flat tensors, JSON metadata) of the state: what :meth:`save` writes, for callers that
+        store a state inside a file of their own (sessions)."""
         tensors = {name: t for name, (t, _) in self.named_tensors().items()}
-        save_tensors(path, tensors, {"kind": self.KIND, "fields": self._meta(), "fingerprint": fingerprint or {}})
+        return tensors, {"kind": self.KIND, "fields": self._meta(), "fingerprint": fingerprint or {}}
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=None, fingerprint: dict | None = None) -> "ModelState":
-        """Read a state written by :meth:`save`; CheckpointError for another kind, another model or
-        an incomplete file."""
-        tensors, meta = load_tensors(path, device)
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, dtype=None, fingerprint: dict | None = None,
+                     where: str = "state") -> "ModelState":
+        """Inverse of :meth:`to_tensors`; CheckpointError for another kind, another model or an
+        incomplete state (``where`` names its file in messages)."""
         if meta.get("kind") != cls.KIND:
-            raise CheckpointError(f"{path} is not a {cls.KIND} state file (it holds {meta.get('kind')!r})")
+            raise CheckpointError(f"{where} is not a {cls.KIND} state (it holds {meta.get('kind')!r})")
         saved = meta.get("fingerprint") or {}
         if fingerprint and saved and saved != fingerprint:
-            raise CheckpointError(f"state {path} was made by a different model ({saved}); this model is "
+            raise CheckpointError(f"{where} was made by a different model ({saved}); this model is "
                                   f"{fingerprint}. Start a fresh state instead.")
         try:
             state = cls._build(meta.get("fields", {}), tensors)
         except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"state {path} lacks {exc}; the file is incomplete or from another version") from exc
+            raise CheckpointError(f"{where} lacks {exc}; the state is incomplete or from another version") from exc
         # fresh, aligned storage: BLAS kernels may round differently on the file buffer's offsets,
         # which a bit-exact resume would notice
         state = state.map_tensors(lambda t, d: t.clone())
         return state.to(dtype=dtype) if dtype is not None else state
+
+    def save(self, path: str | Path, fingerprint: dict | None = None) -> None:
+        """Write the state to one safetensors file (atomic). ``fingerprint`` names the model it
+        belongs to; :meth:`load` refuses the file for any other model."""
+        save_tensors(path, *self.to_tensors(fingerprint))
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu", dtype=None, fingerprint: dict | None = None) -> "ModelState":
+        """Read a state written by :meth:`save` (see :meth:`from_tensors` for the checks)."""
+        tensors, meta = load_tensors(path, device)
+        return cls.from_tensors(tensors, meta, dtype=dtype, fingerprint=fingerprint, where=f"state file {path}")
 
 
 @dataclass

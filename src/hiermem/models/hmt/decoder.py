@@ -25,10 +25,8 @@ class HMTDecoder(Decoder):
                  last_logits: torch.Tensor | None = None, use_kv_cache: bool = True):
         """``state``/``last_logits``: continue after ``HMT.forward`` on an input that ended on a
         segment boundary (pass its ``out.state`` and ``out.last_logits``)."""
-        super().__init__(model, state, batch_size, last_logits)
+        super().__init__(model, state, batch_size, last_logits)  # current: (B, c < L) segment in progress
         self.use_kv_cache = use_kv_cache
-        b = self.state.batch_size
-        self.current = torch.zeros(b, 0, dtype=torch.long, device=model.device)  # (B, c < L)
         self.prompt = None  # P* of the current segment
         self.past = None
 
@@ -36,25 +34,10 @@ class HMTDecoder(Decoder):
     def memory(self) -> HMTMemory:
         return self.state
 
-    @property
-    def tokens_seen(self) -> int:
-        return self.state.tokens + self.current.shape[1]
-
-    def stats(self) -> dict:
-        return {**self.state.stats(), "tokens": self.tokens_seen,
-                "current_segment_tokens": self.current.shape[1]}
-
-    def snapshot(self) -> tuple[HMTMemory, torch.Tensor]:
-        """Memory of the folded segments, and the tokens of the segment in progress to re-read."""
-        return self.state, self.current
-
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Read ids (B, l >= 1); return logits (B, V) for the token after them."""
-        if ids.dim() == 1:
-            ids = ids[:, None]
-        if ids.shape[1] == 0:
-            raise ValueError("feed() needs at least one token")
+        ids = self.check_ids(ids)
         L = self.model.config.segment_length
         while ids.shape[1]:
             if self.current.shape[1] == 0 and ids.shape[1] >= L:

@@ -66,16 +66,6 @@ class TransformerDecoder(Decoder):
         self.current = self.window[:, :0]  # (B, c): its new tokens
         self.cache, self.cached = None, 0  # KV cache over window[:, :cached]
 
-    @property
-    def tokens_seen(self) -> int:
-        return self.state.tokens + self.current.shape[1]
-
-    def stats(self) -> dict:
-        return {**self.state.stats(), "tokens": self.tokens_seen, "current_segment_tokens": self.current.shape[1]}
-
-    def snapshot(self) -> tuple[TransformerState, torch.Tensor]:
-        return self.state, self.current
-
     def _restart(self) -> None:
         """The window is full: the next pass starts from its last C - S tokens (KV cache dropped)."""
         tail = _last(self.window, self.model.config.overlap)
@@ -86,11 +76,7 @@ class TransformerDecoder(Decoder):
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Read ids (B, l >= 1); return logits (B, V) for the token after them."""
-        if ids.dim() == 1:
-            ids = ids[:, None]
-        if ids.shape[1] == 0:
-            raise ValueError("feed() needs at least one token")
-        ids = ids.to(self.window.device)
+        ids = self.check_ids(ids).to(self.window.device)
         C = self.model.config.context_length
         while ids.shape[1]:
             if self.window.shape[1] == C:
