@@ -7,13 +7,6 @@ import json
 import logging
 import os
 import tempfile
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 from pathlib import Path
 
 import torch
@@ -25,6 +18,14 @@ from hiermem.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def dataclass_from_dict(cls, data: dict, label: str):
     """Build config dataclass ``cls`` from saved JSON: missing fields take their defaults (old
     files), unknown fields are ignored with a warning (files from a newer version)."""
@@ -33,6 +34,20 @@ def dataclass_from_dict(cls, data: dict, label: str):
     if unknown:
         log.warning("ignoring unknown %s fields %s (saved by a newer hiermem?)", label, unknown)
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check_ints(config, names, low: int = 1, allow_none: bool = False, what: str = "") -> None:
+    """ConfigError unless each field ``names`` of ``config`` is an int >= ``low`` (or None when
+    ``allow_none``); ``what`` prefixes the field name in the message (e.g. "transformer ")."""
+    from hiermem.errors import ConfigError
+
+    for name in names:
+        v = getattr(config, name)
+        if v is None and allow_none:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            bound = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise ConfigError(f"{what}{name} must be {bound}, got {v!r}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from hiermem.errors import ConfigError
-from hiermem.io import dataclass_from_dict
+from hiermem.io import check_ints, dataclass_from_dict
 
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
@@ -85,17 +85,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def integer(name, low):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
-
-        for name in ("steps", "batch_size", "grad_accum", "decay_every", "keep_last", "max_nonfinite", "log_every"):
-            integer(name, 1)
-        for name in ("warmup", "eval_every", "save_every", "patience", "loss_skip_segments", "seed"):
-            integer(name, 0)
-        if self.eval_batches is not None:
-            integer("eval_batches", 1)
+        check_ints(self, ("steps", "batch_size", "grad_accum", "decay_every", "keep_last", "max_nonfinite", "log_every"))
+        check_ints(self, ("warmup", "eval_every", "save_every", "patience", "loss_skip_segments", "seed"), low=0)
+        check_ints(self, ("eval_batches",), allow_none=True)
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0 (or unset), got {self.max_minutes!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from hiermem.errors import ConfigError
-from hiermem.io import dataclass_from_dict
+from hiermem.io import check_ints, dataclass_from_dict
 
 
 
@@ -57,17 +57,8 @@ class HMTConfig:
         return self.summary_length if self.summary_length is not None else max(1, self.segment_length // 2)
 
     def validate(self) -> None:
-        def positive(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in ("segment_length", "cache_size", "summary_batch"):
-            positive(name)
-        for name in ("summary_length", "recall_dim", "bptt_depth"):
-            positive(name, allow_none=True)
+        check_ints(self, ("segment_length", "cache_size", "summary_batch"))
+        check_ints(self, ("summary_length", "recall_dim", "bptt_depth"), allow_none=True)
         if not isinstance(self.sensory_length, int) or self.sensory_length < 0:
             raise ConfigError(f"sensory_length must be an integer >= 0, got {self.sensory_length!r}")
         if self.sensory_length > self.segment_length:

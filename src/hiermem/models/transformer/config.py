@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from hiermem.errors import ConfigError
-from hiermem.io import dataclass_from_dict
+from hiermem.io import check_ints, dataclass_from_dict
 
 
 @dataclass
@@ -80,19 +80,10 @@ class TransformerConfig:
 
     # --- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        def positive(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"transformer {name} must be a positive integer, got {v!r}")
-
         if self.model_type != "transformer":
             raise ConfigError(f"TransformerConfig got model_type {self.model_type!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "context_length"):
-            positive(name)
-        for name in ("num_kv_heads", "intermediate_size", "stride"):
-            positive(name, allow_none=True)
+        check_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "context_length"), what="transformer ")
+        check_ints(self, ("num_kv_heads", "intermediate_size", "stride"), allow_none=True, what="transformer ")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                               f"use a hidden_size that is a multiple of num_heads (e.g. "
