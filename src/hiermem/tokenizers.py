@@ -380,3 +380,52 @@ def read_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types on bad folders
         raise CheckpointError(f"could not load the tokenizer in {folder}: {exc}") from exc
+
+
+# --- bytes of the text of scored tokens (bits per byte) ----------------------------------------------
+MAX_SHIFT = 8  # tokens a boundary may move to keep a character's bytes together
+
+
+def segment_bytes(tokenizer, ids, segment_length: int) -> list[int]:
+    """UTF-8 bytes of the text of tokens 1..T-1 of ``ids`` (T,) by segment index (token t -> t // L), in O(T).
+
+    bytes(s, e) = |decode(ids[a:e])| - |decode(ids[a:s])| with a = s - 1: one token of context, as
+    SentencePiece-style decoders strip the leading space of a slice's first token. A boundary that
+    splits a character's bytes between tokens (byte fallback) moves right to the character's end and
+    the context token left to its start, so the counts sum to |decode(ids)| - |decode(ids[:1])|.
+    Special tokens count as their text (``skip_special_tokens=False``).
+    """
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    T, L = len(ids), segment_length
+    if T < 2:
+        return []
+
+    def text(a: int, b: int) -> str:
+        return tokenizer.decode(ids[a:b], skip_special_tokens=False) if b > a else ""
+
+    out, anchor, start = [], 0, 1
+    start_bytes = len(text(0, 1).encode())  # |decode(ids[anchor:start])|
+    for j in range((T - 1) // L + 1):
+        end = max(min((j + 1) * L, T), start)
+        whole = text(anchor, end)
+        for _ in range(MAX_SHIFT):  # a trailing U+FFFD: the slice ends inside a character
+            if end >= T or not whole.endswith("\ufffd"):
+                break
+            end += 1
+            whole = text(anchor, end)
+        out.append(len(whole.encode()) - start_bytes)
+        if end >= T:
+            continue
+        # the next slice's context: the last token that starts a character, at most MAX_SHIFT back
+        new = next((p for p in range(end - 1, max(anchor, end - 1 - MAX_SHIFT) - 1, -1)
+                    if not text(anchor, p).endswith("\ufffd")), end - 1)
+        anchor, start = new, end
+        start_bytes = len(text(anchor, start).encode())
+    return out
+
+
+def token_bytes(tokenizer, ids) -> list[int]:
+    """UTF-8 bytes of each scored token 1..T-1 of ``ids`` (T,), aligned with a per-token NLL (T-1,)
+    (``hiermem.evaluation.model_nll``); :func:`segment_bytes` with L = 1 (a character split between
+    tokens counts at its last)."""
+    return segment_bytes(tokenizer, ids, 1)[1:]

@@ -25,7 +25,6 @@ import torch
 
 from hiermem.errors import ConfigError, DataError
 from hiermem.io import atomic_write_json
-from hiermem.training import checkpoint as ckpt
 from hiermem.training.config import TrainConfig
 from hiermem.training.trainer import Trainer, TrainResult, make_accelerator
 
@@ -111,21 +110,6 @@ def _corpora(recipe: HMTRecipe, tokenizer, acc) -> dict:
     return out
 
 
-def _finalize(trainer: Trainer, result: TrainResult, folder: Path) -> int:
-    """Write the stage's chosen weights (best by validation, else the last) to ``folder``; return
-    the step they come from."""
-    step = trainer.step
-    if result.best_checkpoint is not None and result.best_step != trainer.step:
-        ckpt.load_trainable(trainer.model, result.best_checkpoint, trainer.trainable)
-        step = result.best_step
-    if trainer.is_main:
-        tmp = ckpt.new_tmp(folder.parent, folder.name)
-        trainer.model.save_pretrained(tmp)
-        ckpt.publish(tmp, folder)
-    trainer.acc.wait_for_everyone()
-    return step
-
-
 def _stage_summary(result: TrainResult, cfg: TrainConfig, segments: int, window: int) -> dict:
     return {"status": result.status, "steps": result.step, "segments": segments, "window_tokens": window,
             "train_config": cfg.to_dict(),
@@ -176,7 +160,7 @@ def train_hmt(recipe: HMTRecipe, resume: bool = True, accelerator=None) -> dict:
             summary.update(status="interrupted", signal=result.signal)
             break
         init = out / "final" if stage == stages[-1][0] else out / f"stage{stage}" / "final"
-        stage_summary["weights_from_step"] = _finalize(trainer, result, init)
+        stage_summary["weights_from_step"] = trainer.export(result, init)
         del trainer, model
     if summary["status"] == "completed":
         summary["final"] = str(out / "final")

@@ -26,7 +26,6 @@ import torch
 
 from hiermem.errors import ConfigError, DataError
 from hiermem.io import atomic_write_json
-from hiermem.training import checkpoint as ckpt
 from hiermem.training.config import TrainConfig
 from hiermem.training.trainer import Trainer, make_accelerator
 
@@ -159,14 +158,7 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
     if result.status == "interrupted":
         summary["signal"] = result.signal
     else:
-        if result.best_checkpoint is not None and result.best_step != trainer.step:
-            ckpt.load_trainable(trainer.model, result.best_checkpoint, trainer.trainable)
-        summary["weights_from_step"] = result.best_step if result.best_checkpoint is not None else trainer.step
-        if acc.is_main_process:
-            tmp = ckpt.new_tmp(out, "final")
-            trainer.model.save_pretrained(tmp)
-            ckpt.publish(tmp, out / "final")
-        acc.wait_for_everyone()
+        summary["weights_from_step"] = trainer.export(result, out / "final")
         summary["final"] = str(out / "final")
     if acc.is_main_process:
         atomic_write_json(out / "train_summary.json", summary)

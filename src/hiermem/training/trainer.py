@@ -154,6 +154,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.aux_weights = dict(getattr(model, "aux_weights", {}) or {})
         self.carried = None  # the model state carried across batches (carry_state)
+        self._val_bytes: int | None = None  # UTF-8 bytes of this process's validation batches
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.forward_kwargs = {"return_logits": False}  # the protocol: no (B, T, V) logits kept
@@ -223,6 +224,20 @@ class Trainer:
             ckpt.publish(tmp, self.output_dir / "best")
         self.acc.wait_for_everyone()
 
+    def export(self, result: TrainResult, folder: Path) -> int:
+        """Write the run's chosen weights (best by validation, else the last) to ``folder`` with
+        ``save_pretrained``, atomically; return the step they come from."""
+        step = self.step
+        if result.best_checkpoint is not None and result.best_step != self.step:
+            ckpt.load_trainable(self.model, result.best_checkpoint, self.trainable)
+            step = result.best_step
+        if self.is_main:
+            tmp = ckpt.new_tmp(folder.parent, folder.name)
+            self.model.save_pretrained(tmp)
+            ckpt.publish(tmp, folder)
+        self.acc.wait_for_everyone()
+        return step
+
     def resume(self, folder: str | Path) -> None:
         """Restore model trainables, optimizer, RNG, data position and counters from ``folder``."""
         folder = Path(folder)
@@ -269,8 +284,10 @@ class Trainer:
         ids, reset = (batch.ids, batch.reset) if hasattr(batch, "reset") else (batch, None)
         kwargs = dict(self.forward_kwargs)
         if self.cfg.carry_state:
-            fresh = self.model.init_state(ids.shape[0])
-            kwargs["state"] = fresh if state is None else state.reset_rows(reset, fresh)
+            if state is None or bool(reset.any()):  # a fresh state only where a document starts
+                fresh = self.model.init_state(ids.shape[0])
+                state = fresh if state is None else state.reset_rows(reset, fresh)
+            kwargs["state"] = state
         with self.autocast():
             out = module(ids, labels=ids, **kwargs)
         objective = out.loss.float() * out.num_tokens
@@ -280,13 +297,10 @@ class Trainer:
 
     def _count_bytes(self, batch) -> int:
         """UTF-8 bytes of the text of the scored tokens (every token of a window but its first)."""
+        from hiermem.tokenizers import segment_bytes
+
         ids = batch.ids if hasattr(batch, "reset") else batch
-        total = 0
-        for row in ids.tolist():
-            whole = self.tokenizer.decode(row, skip_special_tokens=False)
-            first = self.tokenizer.decode(row[:1], skip_special_tokens=False)
-            total += max(0, len(whole.encode()) - len(first.encode()))
-        return total
+        return sum(sum(segment_bytes(self.tokenizer, row, len(row))) for row in ids.tolist())
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -302,7 +316,7 @@ class Trainer:
         self.model.eval()
         names = sorted(self.aux_weights)
         sums = torch.zeros(3 + len(names), dtype=torch.float64, device=self.device)  # [nll, tokens, bytes, aux...]
-        it, state = iter(self.val_data), None
+        it, state, counted = iter(self.val_data), None, 0
         for _ in range(n_batches):
             batch = next(it).to(self.device)
             out, _ = self._forward(self.model, batch, state)
@@ -310,10 +324,14 @@ class Trainer:
             n = out.num_tokens
             sums[0] += out.loss.double() * n
             sums[1] += n
-            sums[2] += self._count_bytes(batch) if self.tokenizer is not None else 0
+            if self.tokenizer is not None and self._val_bytes is None:
+                counted += self._count_bytes(batch)
             for i, name in enumerate(names):
                 if name in (out.aux or {}):
                     sums[3 + i] += out.aux[name].double() * n
+        if self.tokenizer is not None and self._val_bytes is None:
+            self._val_bytes = counted  # every evaluation reads the same batches: count their bytes once
+        sums[2] = self._val_bytes or 0
         sums = self.acc.reduce(sums, reduction="sum")
         self.model.train()
         ckpt.set_rng_state(rng)
