@@ -26,8 +26,8 @@ def resolve_config(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    bundled = BUNDLED / f"{Path(spec).stem}.yaml"
-    if path.suffix in ("", ".yaml") and bundled.is_file() and not path.exists():
+    bundled = BUNDLED / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and bundled.is_file():
         return bundled
     raise ConfigError(f"config file not found: {spec} (bundled recipes: {', '.join(bundled_configs()) or 'none'})")
 

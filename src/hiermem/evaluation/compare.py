@@ -73,7 +73,8 @@ def _position_bpb(nll: torch.Tensor, token_bytes: list[int], bin_bytes: int) -> 
 
 
 def _read(model, texts: list[str], bin_bytes: int) -> dict:
-    from hiermem.evaluation.perplexity import model_nll, segment_bytes
+    from hiermem.evaluation.perplexity import model_nll
+    from hiermem.tokenizers import token_bytes
 
     tok = model.tokenizer
     nll_sum = bytes_sum = tokens = 0
@@ -85,9 +86,7 @@ def _read(model, texts: list[str], bin_bytes: int) -> dict:
         nll, _ = model_nll(model, ids)
         seconds += time.perf_counter() - t0
         peak = max(peak, _rss_mb() - rss0)
-        per_token = segment_bytes(tok, ids, 1)[1:]  # bytes of each scored token (bin 0 holds token 0 only)
-        if len(per_token) != nll.shape[0]:
-            raise RuntimeError(f"{len(per_token)} byte counts for {nll.shape[0]} scored tokens")
+        per_token = token_bytes(tok, ids)  # (T-1,) aligned with nll
         for row in _position_bpb(nll, per_token, bin_bytes):
             acc = bins.setdefault(row["from_byte"], [0.0, 0])
             acc[0] += row["nll"]

@@ -79,31 +79,24 @@ def load_eval_models(checkpoint: str | None = None, backbone: str | None = None,
         raise ConfigError(f"{spec.model_type} models have no pretrained backbone: drop --backbone")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    bb = None
-    if folder is not None and is_quantized(folder):
-        def load(**changes):
-            return load_model(checkpoint, **{**overrides, **changes}).eval()
-
-        model = load()
-        if spec.pretrained_backbone:
-            sub = str(folder / "backbone")
-            bb = Backbone(model=model.backbone, tokenizer=model.tokenizer, spec=sub, needs_bos=resolve_spec(sub)[1])
-    elif spec.pretrained_backbone:
+    bb, fresh_backbone = None, None  # fresh_backbone: a new copy per variant (LoRA is injected in place)
+    quantized = folder is not None and is_quantized(folder)
+    placement = {} if quantized else {"device": dev, "dtype": dt}  # int8 models load on the CPU as saved
+    if spec.pretrained_backbone and not quantized:
         saved = read_json(folder / "config.json") if folder is not None else {}
         bspec = backbone or saved.get("backbone") or DEFAULT_BACKBONE
         bb = load_backbone(bspec, device=dev, dtype=dt)
-        lora = bool(saved.get("lora"))
+        if saved.get("lora"):
+            fresh_backbone = lambda: load_backbone(bspec, device=dev, dtype=dt)  # noqa: E731
 
-        def load(**changes):
-            hb = load_backbone(bspec, device=dev, dtype=dt) if lora else bb
-            return load_model(checkpoint, backbone=hb, device=dev, dtype=dt, **{**overrides, **changes}).eval()
+    def load(**changes):
+        with_backbone = {"backbone": fresh_backbone() if fresh_backbone else bb} if bb is not None else {}
+        return load_model(checkpoint, **placement, **with_backbone, **{**overrides, **changes}).eval()
 
-        model = load()
-    else:
-        def load(**changes):
-            return load_model(checkpoint, device=dev, dtype=dt, **{**overrides, **changes}).eval()
-
-        model = load()
+    model = load()
+    if quantized and spec.pretrained_backbone:  # its int8 backbone serves the baselines
+        sub = str(folder / "backbone")
+        bb = Backbone(model=model.backbone, tokenizer=model.tokenizer, spec=sub, needs_bos=resolve_spec(sub)[1])
     if getattr(model, "tokenizer", None) is None:
         raise CheckpointError(f"{folder} holds no tokenizer (tokenizer/): save the model with its tokenizer")
     variants = {}
