@@ -32,7 +32,8 @@ COMMANDS = {
     "quantize": "hiermem.inference.quantize:quantize",
     "tokenizer": "hiermem.cli:tokenizer_function",  # dispatches on the action (train)
 }
-# commands whose function depends on the next positional word: (resolver, consumes the word)
+# commands whose target is a resolver taking the next positional word; the flag tells whether
+# that word is consumed (an action name) or stays an argument of the resolved function
 DISPATCH = {"train": False, "tokenizer": True}
 
 
@@ -140,10 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 if word is None:  # `hiermem train [--help]`: list what can follow
                     print(_dispatch_help(chosen))
                     return 0
-                else:
-                    func = func(word)
-                    if DISPATCH[chosen]:  # the word names the action, not an argument: drop it
-                        argv = argv[:at + 1 + i] + argv[at + 2 + i:]
+                func = func(word)
+                if DISPATCH[chosen]:  # the word names the action, not an argument: drop it
+                    argv = argv[:at + 1 + i] + argv[at + 2 + i:]
     except HiermemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
