@@ -13,6 +13,7 @@ import argparse
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
 import types
@@ -73,12 +74,33 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+# options every command words the same way, whatever its docstring says
+SHARED_HELP = {
+    "device": "where to run: cpu, cuda or cuda:N (default: CUDA when present, else CPU)",
+    "dtype": "float32, bfloat16 or float16 (default: bfloat16 on CUDA when supported, else float32)",
+}
+
+
+def _default_note(help_text: str, default) -> str:
+    """`` (default: X)`` for the help line, or "" when the text already tells the default (it says
+    "default" or "unset:"), or there is nothing to show (None, an empty list)."""
+    text = help_text.lower()
+    if default is None or "default" in text or "unset:" in text:
+        return ""
+    if isinstance(default, (list, tuple)):
+        if not default:
+            return ""
+        default = " ".join(map(str, default))  # as typed on the command line
+    return f" (default: {default})"
+
+
 def _add_argument(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, hint, help_text: str,
                   suppress: bool = False):
     tp, _ = _unwrap_optional(hint)
     flag = "--" + name.replace("_", "-")
     has_default = param.default is not inspect.Parameter.empty
-    kwargs: dict = {"help": help_text + (f" (default: {param.default})" if has_default else "")}
+    help_text = SHARED_HELP.get(name, help_text).rstrip(".")
+    kwargs: dict = {"help": help_text + (_default_note(help_text, param.default) if has_default else "")}
     origin = get_origin(tp)
     default = argparse.SUPPRESS if suppress else param.default  # suppressed: only given options appear
     if tp is dict or origin is dict:
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 0
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    _quiet_libraries()
     try:
         if kwargs.get("config"):
             from hiermem.configs import read_config
@@ -173,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from Hugging Face libraries ("Loading weights"): commands report their own progress."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _dispatch_help(command: str) -> str:

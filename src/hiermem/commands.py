@@ -52,7 +52,7 @@ def _ppl(nll_sum: float, count: int) -> float:
 
 
 def demo(tokens: int = 4096, document: str | None = None, model: str | None = None,
-         backbone: str = DEFAULT_BACKBONE, max_new_tokens: int = 40, device: str = "auto",
+         backbone: str = DEFAULT_BACKBONE, max_new_tokens: int = 40, device: str | None = None,
          threads: int | None = None) -> int:
     """Main job on the bundled defaults: HMT against the plain backbone on a long document.
 
@@ -66,7 +66,7 @@ def demo(tokens: int = 4096, document: str | None = None, model: str | None = No
         model: HMT checkpoint folder or released-weights name (default: released weights).
         backbone: backbone spec used when no released weights are installed.
         max_new_tokens: length of the generated continuation.
-        device: "auto", "cpu" or "cuda".
+        device: cpu, cuda or cuda:N (default: CUDA when present, else CPU)
         threads: CPU threads for torch (default: torch's choice).
     """
     from tqdm import tqdm

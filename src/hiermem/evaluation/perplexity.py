@@ -107,8 +107,8 @@ def _score_inputs(model, inputs: torch.Tensor, targets: torch.Tensor, block: int
     for a in range(0, n, block):
         b = min(a + block, n)
         keep = max(0, b - max(a, first_scored))
-        res = model(input_ids=inputs[:, a:b], past_key_values=past, use_cache=True, logits_to_keep=max(keep, 1))
-        past = res.past_key_values
+        res = model(input_ids=inputs[:, a:b], cache=past, use_cache=True, logits_to_keep=max(keep, 1))
+        past = res.cache
         if keep:
             done = sum(o.shape[1] for o in out)
             out.append(_next_token_nll(res.logits[:, -keep:], targets[:, done:done + keep]))

@@ -96,7 +96,9 @@ def chat(model: str | None = None, session: str | None = None, system: str | Non
 
     while True:
         try:
-            line = input("> ")
+            sys.stdout.write("> ")  # input()'s own prompt goes to stderr on a terminal
+            sys.stdout.flush()
+            line = input()
         except EOFError:
             print()
             break

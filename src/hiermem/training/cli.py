@@ -89,7 +89,7 @@ def train(
 
     Defaults fit the bundled SmolLM2-135M on a small CPU (about half an hour for both stages on an
     idle 2-core CPU, ~150 / ~110 supervised tokens/s in stage 1 / 2): memory parameters only, segments of 256 tokens with 32 sensory tokens, 150 steps of one window per
-    stage (stage 2 unrolls 3 segments), AdamW at lr 1e-3 with 10 warm-up steps then step decay (x0.8
+    stage (stage 2 unrolls 6 segments), AdamW at lr 1e-3 with 10 warm-up steps then step decay (x0.8
     every 50 steps), clipping at 1.0, validation perplexity on 16 windows every 50 steps, checkpoints
     every 25 steps. Output: <output-dir>/stage1, <output-dir>/stage2 (checkpoints, best/, tensorboard/),
     <output-dir>/final (the trained model) and <output-dir>/train_summary.json. Run it again to resume;

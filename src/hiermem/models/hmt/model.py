@@ -136,8 +136,8 @@ class HMT(HiermemModel):
 
     def hidden(self, embeds: torch.Tensor, past=None, use_cache: bool = False):
         """Last-layer hidden states (B, l, d) of the backbone body, and its KV cache."""
-        out = self.backbone.base_model(inputs_embeds=embeds, past_key_values=past, use_cache=use_cache)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        out = self.backbone.base_model(inputs_embeds=embeds, cache=past, use_cache=use_cache)
+        return out.last_hidden_state, (out.cache if use_cache else None)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on hidden states (B, l, d) -> logits (B, l, V), with Gemma-style soft-capping."""

@@ -1,0 +1,54 @@
+"""Every subcommand's --help: one default per option, defaults as typed, shared wording for shared options."""
+
+import inspect
+import re
+
+import pytest
+
+from hiermem.cli import COMMANDS, SHARED_HELP, main
+
+
+def _commands() -> list[list[str]]:
+    from hiermem.models import REGISTRY
+
+    plain = [[c] for c in COMMANDS if c not in ("train", "tokenizer")]
+    return plain + [["train", m] for m in sorted(REGISTRY)] + [["tokenizer", "train"]]
+
+
+def _help(capsys, words: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*words, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare on one line
+
+
+@pytest.mark.parametrize("words", _commands(), ids=" ".join)
+def test_help_shows_each_default_once_and_as_typed(words, capsys):
+    text = _help(capsys, words)
+    # one option's help runs from its flag to the next one; none may tell its default twice
+    for option in re.split(r" (?=--[a-z])", text):
+        assert option.count("(default") <= 1, option
+    assert "(default: None)" not in text and "(default: ())" not in text and "(default: [])" not in text
+    assert not re.search(r"\(default: [\[(]", text), "lists and tuples are shown as typed: 1024 4096"
+
+
+@pytest.mark.parametrize("words", [w for w in _commands() if w[0] in ("demo", "eval", "generate", "chat",
+                                                                        "serve", "compare", "train")], ids=" ".join)
+def test_device_and_dtype_read_the_same_everywhere(words, capsys):
+    text = _help(capsys, words)
+    for name, wording in SHARED_HELP.items():
+        if f"--{name} " in text:
+            assert " ".join(wording.split()) in text
+
+
+def test_eval_lists_are_shown_as_typed(capsys):
+    assert "(default: 1024 4096)" in _help(capsys, ["eval"])
+
+
+def test_train_hmt_help_tells_the_real_stage2_unroll(capsys):
+    from hiermem.training.cli import train
+
+    default = inspect.signature(train).parameters["stage2_segments"].default
+    text = _help(capsys, ["train", "hmt"])
+    assert f"stage 2 unrolls {default} segments" in text
+    assert re.findall(r"stage 2 unrolls (\d+) segments", text) == [str(default)]
