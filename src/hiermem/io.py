@@ -18,11 +18,38 @@ from hiermem.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def _proc_umask() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    umask = _proc_umask()
+    if umask is None:  # no /proc: set and restore once, at import, before this package writes files
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it: ``os.umask`` can only be read by setting it,
+    which races with threads creating files (a thread could leave the process with the wrong umask)."""
+    umask = _proc_umask()
+    return _UMASK_AT_IMPORT if umask is None else umask
+
+
 def _publish(tmp: str, path: Path) -> None:
     """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_read_umask())
     os.replace(tmp, path)
 
 
