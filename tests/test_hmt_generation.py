@@ -51,7 +51,8 @@ def test_feeding_whole_segments_at_once_equals_piecewise():
 
 def test_generation_far_past_one_segment_is_flat():
     model = tiny_hmt("llama", cache_size=3)
-    out = generate(model, random_ids(1, 5), GenerationConfig(max_new_tokens=200, do_sample=True, seed=3))
+    out = generate(model, random_ids(1, 5), GenerationConfig(max_new_tokens=200, do_sample=True, seed=3,
+                                                                  eos_token_id=[]))  # no EOS: all 200
     assert out.tokens.shape == (1, 200)
     assert out.decoder.state.bank.size == 3 and out.decoder.state.segments == 12
 

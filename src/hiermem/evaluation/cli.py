@@ -10,7 +10,8 @@ from pathlib import Path
 from hiermem.errors import ConfigError
 from hiermem.evaluation import report
 from hiermem.evaluation.diagnostics import memory_diagnostics, plot_diagnostics
-from hiermem.evaluation.loading import checkpoint_spec, load_eval_models, load_token_documents, select_documents
+from hiermem.evaluation.loading import (checkpoint_spec, id_list, load_eval_models, load_token_documents,
+                                        select_documents)
 from hiermem.evaluation.perplexity import available_methods, check_methods, default_methods, evaluate_perplexity
 from hiermem.evaluation.readers import model_greedy, sliding_greedy
 from hiermem.evaluation.tasks import haystack_pool, needle_samples, passkey_samples, run_recall
@@ -25,12 +26,18 @@ def _stage2(spec) -> list[str]:
     return [m for m, changes in spec.eval_variants.items() if changes.get("stage") == 2]
 
 
-def _check_args(spec, methods, tasks, **numbers) -> tuple[list[str], list[str]]:
-    """Validate what is cheap to check before loading anything; (methods, tasks) with defaults filled in."""
+def _check_numbers(recall_lengths=(), **numbers) -> None:
+    """Counts and lengths, checked before anything is read (checkpoint, documents)."""
     for name, value in numbers.items():
         least = 2 if name == "max_tokens" else 1  # a document's first token is never scored
         if value is not None and value < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if not recall_lengths or any(n < 2 for n in recall_lengths):
+        raise ConfigError(f"--recall-lengths must be prompt lengths of at least 2 tokens, got {list(recall_lengths)}")
+
+
+def _check_args(spec, methods, tasks) -> tuple[list[str], list[str]]:
+    """Validate what is cheap to check before loading anything; (methods, tasks) with defaults filled in."""
     stage2 = _stage2(spec)
     tasks = list(dict.fromkeys(tasks or (EVAL_TASKS if stage2 else [t for t in EVAL_TASKS if t != "diagnostics"])))
     unknown = [t for t in tasks if t not in EVAL_TASKS]
@@ -45,8 +52,16 @@ def _check_args(spec, methods, tasks, **numbers) -> tuple[list[str], list[str]]:
     return methods, tasks
 
 
+def default_split(source: str) -> str:
+    """The split evaluated unless one is asked for: a built-in corpus's held-out test split; all of
+    the user's own documents (a file, folder, table or hf: dataset)."""
+    from hiermem.data.corpora import CORPORA
+
+    return "test" if source in CORPORA else "all"
+
+
 def evaluate(checkpoint: str | None = None, backbone: str | None = None, source: str = "shakespeare",
-             split: str = "test", text_column: str = "text", documents: int = 4, max_tokens: int | None = 4096,
+             split: str | None = None, text_column: str = "text", documents: int = 4, max_tokens: int | None = 4096,
              methods: tuple[str, ...] = (), tasks: tuple[str, ...] = (), segment_length: int = 256,
              window: int | None = None, stride: int | None = None, full_context: int | None = None,
              cache_size: int | None = None, recall_lengths: tuple[int, ...] = (1024, 4096),
@@ -58,15 +73,16 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
     Every method reads the same documents and scores the same tokens (each token but a document's
     first exactly once); perplexity is exp(mean token NLL) and bits per byte the summed NLL over
     ln 2 times the UTF-8 bytes of the scored text, overall and by segment index. Results go to the
-    terminal and, under --output, to results.json, perplexity.csv, recall.csv and
-    memory_diagnostics.png.
+    terminal and, under --output, to results.json, perplexity.csv, perplexity_by_position.png,
+    recall.csv and memory_diagnostics.png.
 
     Args:
         checkpoint: checkpoint folder (trained, released or quantized) or released-weights name; unset:
             the released weights, else untrained HMT memory over the bundled backbone
         backbone: backbone spec of models that wrap one (HMT); unset: the one the checkpoint was trained on
         source: documents: a built-in corpus, a text file or folder, a table, or hf:<dataset>
-        split: which split of the source: train, validation, test or all
+        split: which split of the source: train, validation, test or all (documents go to a split by a
+            stable hash of their id); unset: test for a built-in corpus, all for your own documents
         text_column: text column of table and hf: sources
         documents: how many documents (the first ones longer than one segment for models with segments)
         max_tokens: cut each document to its first N tokens (perplexity)
@@ -88,14 +104,18 @@ def evaluate(checkpoint: str | None = None, backbone: str | None = None, source:
         baseline_bos: put BOS before every window of the backbone baselines (chunks, sliding, full
             and the recall tasks' sliding window); unset: only for backbones that need it (Gemma)
         output: folder for JSON, CSV and PNG results ('' = terminal only)
-        device: cpu, cuda, cuda:N; unset: CUDA when present
-        dtype: float32, bfloat16, float16; unset: float32 on CPU, bfloat16 on CUDA
+        device: cpu, cuda or cuda:N (default: CUDA when present, else CPU)
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA when supported, else float32)
     """
+    from hiermem.data.splits import check_split
+
+    _check_numbers(documents=documents, max_tokens=max_tokens, segment_length=segment_length, window=window,
+                   stride=stride, full_context=full_context, cache_size=cache_size, batch_size=batch_size,
+                   recall_samples=recall_samples, recall_lengths=recall_lengths)
+    split = split or default_split(source)
+    check_split(split)
     spec = checkpoint_spec(checkpoint)
-    methods, tasks = _check_args(spec, methods, tasks, documents=documents, max_tokens=max_tokens,
-                                 segment_length=segment_length, window=window, stride=stride,
-                                 full_context=full_context, cache_size=cache_size, batch_size=batch_size,
-                                 recall_samples=recall_samples)
+    methods, tasks = _check_args(spec, methods, tasks)
     if cache_size is not None and "cache_size" not in _config_fields(spec):
         raise ConfigError(f"--cache-size applies to HMT memory; a {spec.model_type} model has no cache")
     overrides = {"cache_size": cache_size} if cache_size is not None else {}
@@ -159,8 +179,8 @@ def _perplexity(models, docs, methods, tasks, segment_length: int, baseline_bos:
     if "perplexity" in tasks:
         out["perplexity"] = ppl.to_dict()
         s = ppl.settings
-        print(f"\nPerplexity on {len(docs)} document(s), {s['tokens_scored']} tokens ({s.get('bytes_scored', '?')} "
-              f"bytes) scored per method, segment length {segment_length}:")
+        print(f"\nPerplexity on {len(docs)} document(s) ({id_list([d.id for d in docs])}), {s['tokens_scored']} tokens "
+              f"({s.get('bytes_scored', '?')} bytes) scored per method, segment length {segment_length}:")
         print(report.perplexity_table(out["perplexity"]))
     if "diagnostics" in tasks:
         out["diagnostics"] = memory_diagnostics(ppl.traces, cache)
@@ -192,6 +212,7 @@ def _write(folder: Path, results: dict) -> None:
     written = [report.write_json(folder / "results.json", results)]
     if "perplexity" in results:
         written.append(report.write_csv(folder / "perplexity.csv", report.perplexity_rows(results["perplexity"])))
+        written.append(report.plot_perplexity(results["perplexity"], folder / "perplexity_by_position.png"))
     if "recall" in results:
         written.append(report.write_csv(folder / "recall.csv", results["recall"]["records"]))
     if results.get("diagnostics"):

@@ -74,36 +74,44 @@ def memory_diagnostics(traces: dict[str, list[list]], cache_size: int) -> dict:
             for m, t in traces.items() if t}
 
 
-def plot_diagnostics(diag: dict, path: str | Path) -> Path:
-    """Write a PNG: recall weight share by distance (left) and evicted-slot ages (right) per method."""
+def diagnostics_figure(diag: dict):
+    """Recall weight share by distance (integer segments, linear axis) and, when any slot was
+    evicted, a second panel with the ages of evicted slots, per method (a matplotlib Figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    evicted = {m: d["eviction"] for m, d in diag.items() if d["eviction"].get("evictions")}
+    fig, axes = plt.subplots(1, 2 if evicted else 1, figsize=(11 if evicted else 6.5, 4), squeeze=False)
+    left = axes[0][0]
     for method, d in diag.items():
         rec = d["recall"]
         if rec.get("retrievals"):
             left.plot(rec["distance"], rec["weight_share"], marker=".",
                       label=f"{method} (mean {rec['mean_distance']:.1f})")
-        ev = d["eviction"]
-        if ev.get("evictions"):
-            right.hist(ev["ages"], bins=min(40, max(5, ev["age_max"] - ev["age_min"] + 1)), alpha=0.6,
+    title = "Which past segment retrieval attends to"
+    if not evicted:
+        title += "\n(no slot evicted: the cache never filled)"
+    left.set(title=title, xlabel="distance (current - source segment)", ylabel="share of recall weight")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if evicted:
+        right = axes[0][1]
+        for method, ev in evicted.items():
+            right.hist(ev["ages"], bins=range(ev["age_min"], ev["age_max"] + 2), alpha=0.6, align="left",
                        label=f"{method} (n={ev['evictions']}, mean {ev['age_mean']:.1f})")
-    left.set(title="Which past segment retrieval attends to", xlabel="distance (current - source segment)",
-             ylabel="share of recall weight")
-    left.set_xscale("log")
-    right.set(title="Age of evicted memory slots", xlabel="age at eviction (segments)", ylabel="evictions")
-    if not any(d["eviction"].get("evictions") for d in diag.values()):
-        right.text(0.5, 0.5, "no evictions: the cache never filled", ha="center", va="center",
-                   transform=right.transAxes)
-    for ax in (left, right):
+        right.set(title="Age of evicted memory slots", xlabel="age at eviction (segments)", ylabel="evictions")
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[0]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_diagnostics(diag: dict, path: str | Path) -> Path:
+    """Write :func:`diagnostics_figure` as a PNG."""
+    from hiermem.evaluation.report import save_figure
+
+    return save_figure(diagnostics_figure(diag), path)

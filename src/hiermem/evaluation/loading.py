@@ -4,6 +4,7 @@ baselines (models that wrap one), the tokenizer, tokenised documents."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,8 @@ from hiermem.errors import CheckpointError, ConfigError, DataError
 from hiermem.evaluation.perplexity import MODEL_METHOD, TokenDocument, available_methods, check_methods
 from hiermem.io import read_json
 from hiermem.models import ModelSpec, folder_model_type, load_model, model_folder, model_spec
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_config(checkpoint: str | None) -> dict:
@@ -115,24 +118,51 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def id_list(names: list[str], shown: int = 5) -> str:
+    """Document ids for a message: the first few, then how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def load_token_documents(tokenizer, source: str = "shakespeare", split: str = "test", *,
                          text_column: str = "text") -> list[TokenDocument]:
-    """Every document of ``split`` of ``source`` (see :func:`hiermem.data.load_documents`), tokenised."""
-    from hiermem.data import load_documents
+    """Every document of ``split`` of ``source`` (see :func:`hiermem.data.load_documents`), tokenised.
 
-    docs = load_documents(source, split, text_column=text_column)
+    For a user's own source (not a built-in corpus) a split other than "all" leaves documents out:
+    a warning names them and says why.
+    """
+    from hiermem.data import load_documents, select_split
+    from hiermem.data.corpora import CORPORA
+
+    if source in CORPORA or split == "all":
+        docs = load_documents(source, split, text_column=text_column)
+    else:
+        every = load_documents(source, "all", text_column=text_column)
+        docs = select_split(every, split, source=source)
+        kept = {d.id for d in docs}
+        left = [d.id for d in every if d.id not in kept]
+        if left:
+            log.warning("split %r of %s: evaluating %d of its %d documents; left out (they fall in another split "
+                        "by a stable hash of their id): %s; --split all reads every document", split, source,
+                        len(docs), len(every), id_list(left))
     return [TokenDocument(d.id, torch.tensor(tokenize(tokenizer, d.text), dtype=torch.long)) for d in docs]
 
 
 def select_documents(docs: list[TokenDocument], min_tokens: int = 2, max_tokens: int | None = None,
                      max_documents: int | None = None) -> list[TokenDocument]:
-    """The first ``max_documents`` documents with at least ``min_tokens`` tokens, cut to ``max_tokens``.
+    """The first ``max_documents`` documents with at least ``min_tokens`` tokens, cut to ``max_tokens``;
+    a warning names the documents left out as too short, a log line those beyond ``max_documents``.
 
     DataError when none is long enough.
     """
-    out = [TokenDocument(d.id, d.ids[:max_tokens]) for d in docs if d.ids.shape[0] >= min_tokens][:max_documents]
-    if not out:
+    long_enough = [d for d in docs if d.ids.shape[0] >= min_tokens]
+    if not long_enough:
         longest = max((int(d.ids.shape[0]) for d in docs), default=0)
         raise DataError(f"none of the {len(docs)} documents has at least {min_tokens} tokens (the longest has "
                         f"{longest}); use longer documents, another split, or shorter segments")
-    return out
+    short = [d.id for d in docs if d.ids.shape[0] < min_tokens]
+    if short:
+        log.warning("left out %d document(s) shorter than %d tokens: %s", len(short), min_tokens, id_list(short))
+    if max_documents is not None and len(long_enough) > max_documents:
+        log.info("reading the first %d of %d documents (--documents); left out: %s", max_documents,
+                 len(long_enough), id_list([d.id for d in long_enough[max_documents:]]))
+    return [TokenDocument(d.id, d.ids[:max_tokens]) for d in long_enough[:max_documents]]

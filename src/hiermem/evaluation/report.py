@@ -12,10 +12,13 @@ from hiermem.io import atomic_write_bytes, atomic_write_json
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
-    """Plain aligned table; floats with 2 decimals (4 significant digits below 1)."""
+    """Plain aligned table; floats with 2 decimals (4 significant digits below 1); "-" where there
+    is no figure (None, NaN)."""
     def cell(v):
+        if v is None or isinstance(v, float) and math.isnan(v):
+            return "-"
         if isinstance(v, float):
-            return "nan" if math.isnan(v) else (f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}")
+            return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
         return str(v)
 
     body = [[cell(v) for v in r] for r in rows]
@@ -115,6 +118,48 @@ def diagnostics_table(diag: dict) -> str:
                      e.get("age_mean", float("nan")), e.get("kept_age_mean", float("nan"))])
     return format_table(["method", "retrievals", "mean dist", "prev seg", "top weight", "entropy", "evictions",
                          "evicted age", "kept age"], rows)
+
+
+def perplexity_figure(result: dict):
+    """Perplexity by position in the document (one point per segment, at its first token), every
+    method on the same axes; bits per byte beside it when known (a matplotlib Figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    methods = _in_method_order(result["methods"])
+    L = result.get("settings", {}).get("segment_length") or 1
+    has_bpb = all("bpb" in m for m in methods.values())
+    fig, axes = plt.subplots(1, 2 if has_bpb else 1, figsize=(11 if has_bpb else 6.5, 4), squeeze=False)
+    for ax, metric, label in zip(axes[0], ("ppl", "bpb"), ("perplexity", "bits per byte")):
+        for name, m in methods.items():
+            rows = [r for r in m["by_segment"] if r["tokens"]]
+            ax.plot([r["segment"] * L for r in rows], [r[metric] for r in rows], marker=".",
+                    label=f"{name} ({m[metric]:.2f})")
+        ax.set(title=f"{label.capitalize()} by position", xlabel="position in the document (tokens)",
+               ylabel=f"{label} of the segment")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_perplexity(result: dict, path: str | Path) -> Path:
+    """Write :func:`perplexity_figure` as a PNG."""
+    return save_figure(perplexity_figure(result), path)
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> Path:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -18,7 +19,11 @@ from hiermem.errors import ConfigError
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings. ``do_sample=False`` is greedy (``num_beams > 1``: beam search)."""
+    """Decoding settings. ``do_sample=False`` is greedy (``num_beams > 1``: beam search).
+
+    ``eos_token_id``: the ids that end a row; None (default): the model's own (:func:`model_eos_ids`,
+    as the command line uses); ``[]``: never stop before ``max_new_tokens``.
+    """
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -167,6 +172,19 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, history: torch.Tenso
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def model_eos_ids(model) -> list[int]:
+    """End-of-sequence ids of a model: its tokenizer's EOS, its backbone's generation config and
+    config (models over a pretrained backbone) and its own config's ``eos_token_id``."""
+    ids: set[int] = set()
+    backbone = getattr(model, "backbone", None)
+    for holder in (getattr(model, "tokenizer", None), getattr(backbone, "generation_config", None),
+                   getattr(backbone, "config", None), getattr(model, "config", None)):
+        eos = getattr(holder, "eos_token_id", None)
+        if eos is not None:
+            ids.update([int(eos)] if isinstance(eos, int) else map(int, eos))
+    return sorted(ids)
+
+
 def make_decoder(model, batch_size: int = 1, state=None):
     """A fresh decoder of ``model`` (or one continuing ``state``)."""
     return model.decoder(state=state, batch_size=batch_size)
@@ -213,6 +231,8 @@ def generate(model, prompt_ids: torch.Tensor, cfg: GenerationConfig | None = Non
     generation ends when every row has stopped.
     """
     cfg = cfg or GenerationConfig()
+    if cfg.eos_token_id is None:  # unset: stop where the model's EOS says, as the command line does
+        cfg = dataclasses.replace(cfg, eos_token_id=model_eos_ids(model))
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
     decoder = decoder or make_decoder(model, batch_size=prompt_ids.shape[0])

@@ -487,9 +487,11 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         device: cpu, cuda or auto
         dtype: float32, bfloat16, float16 or auto
     """
+    from hiermem.inference.cli import check_port
     from hiermem.inference.runtime import load_for_inference
     from hiermem.models import model_folder
 
+    check_port(host, port)  # a busy port fails now, not once the model has loaded
     api_key = api_key or os.environ.get("HIERMEM_API_KEY") or None
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
