@@ -193,8 +193,9 @@ def train(
         return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
     for name, stage in summary["stages"].items():
         best = stage["best_val_ppl"]
-        print(f"{name}: {stage['status']} at step {stage['steps']}, best validation perplexity "
-              f"{best if best is None else round(best, 3)} (step {stage['best_step']}), "
+        val = (f"best validation perplexity {round(best, 3)} (step {stage['best_step']})" if best is not None
+               else "no validation ran")
+        print(f"{name}: {stage['status']} at step {stage['steps']}, {val}, "
               f"{stage['tokens_per_second_this_run']} supervised tok/s")
     if summary["status"] == "interrupted":
         print(f"interrupted: checkpoint saved under {output_dir}; run the same command again to resume")
@@ -336,9 +337,9 @@ def train_model(
         return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
     last = summary["val_history"][-1] if summary["val_history"] else {}
     bpb = f", {last['val_bpb']:.4f} bits per byte" if "val_bpb" in last else ""
+    val = f"last validation loss {last['val_loss']:.4f}{bpb}" if "val_loss" in last else "no validation ran"
     print(f"{model}: {summary['status']} at step {summary['steps']} ({summary['parameters']:,} parameters, "
-          f"{summary['tokens_per_second_this_run']} tok/s); last validation loss "
-          f"{last.get('val_loss', float('nan')):.4f}{bpb}")
+          f"{summary['tokens_per_second_this_run']} tok/s); {val}")
     if summary["status"] == "interrupted":
         print(f"interrupted: checkpoint saved under {recipe.output_dir}; run the same command again to resume")
         return 128 + int(summary["signal"])

@@ -104,8 +104,10 @@ def _corpora(recipe: HMTRecipe, tokenizer, acc) -> dict:
         out["train"] = build_corpus(recipe.source, tokenizer, split="train", **recipe.data)
         try:
             out["validation"] = build_corpus(recipe.source, tokenizer, split="validation", **recipe.data)
-        except DataError as exc:
-            log.warning("training without validation, best checkpoint or early stopping: %s", exc)
+        except DataError as exc:  # the data layer's hint speaks of split='all', which training has no use for
+            log.warning("training without validation, best checkpoint or early stopping: %s; raise "
+                        "--validation-fraction, add documents, or list validation ids with --split-files "
+                        "validation=FILE", str(exc).split("; ")[0])
             out["validation"] = None
     return out
 

@@ -127,7 +127,8 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
             except DataError as exc:
                 if split == "train":
                     raise
-                log.warning("training without validation: %s", exc)
+                log.warning("training without validation: %s; raise --validation-fraction or add documents",
+                            str(exc).split("; ")[0])  # the data layer's hint speaks of split='all'
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
     if cfg.carry_state:
         make = lambda c: StreamLoader(c, recipe.window, **common)  # noqa: E731

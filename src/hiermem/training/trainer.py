@@ -425,6 +425,9 @@ class Trainer:
         holds checkpoints).
         """
         self._start(resume)
+        if self.step == 0 and self.cfg.warmup > self.cfg.steps:
+            log.warning("the warm-up (%d steps) is longer than the run (%d steps): the learning rate never reaches "
+                        "its peak %g; lower --warmup", self.cfg.warmup, self.cfg.steps, self.cfg.lr)
         last_saved = self.step if self.step else None
         status = "completed"
         self.model.train()
