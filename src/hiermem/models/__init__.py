@@ -81,6 +81,10 @@ register_model(ModelSpec(
     "transformer", "hiermem.models.transformer:Transformer",
     description="Llama-style transformer trained from scratch (the control model of every family)",
     default_config="transformer-cpu"))
+register_model(ModelSpec(
+    "hrmlm", "hiermem.models.hrmlm:HRMLM",
+    description="Hierarchical recurrent memory LM: two GRU levels, N x T cycles per token, trained from scratch",
+    default_config="hrmlm-cpu"))
 
 
 def released_weights(name: str = DEFAULT_RELEASE) -> Path | None:

@@ -290,6 +290,10 @@ class HiermemModel(nn.Module):
         model = cls(config)
         model.load_weights(folder)
         model.tokenizer = read_tokenizer(Path(folder) / TOKENIZER_DIR)
+        vocab = getattr(config, "vocab_size", None)
+        if model.tokenizer is not None and vocab is not None and len(model.tokenizer) != vocab:
+            raise CheckpointError(f"{folder}: its tokenizer has {len(model.tokenizer)} tokens but the model was built "
+                                  f"for {vocab}; the tokenizer/ folder belongs to another model")
         return model.to(device=device, dtype=dtype)
 
 

@@ -240,6 +240,7 @@ def train_model(
     grad_accum: int = 1,
     lr: float = 1e-3,
     schedule: Literal["constant", "cosine", "linear", "step"] = "cosine",
+    schedule_by: Literal["steps", "time"] = "steps",
     warmup: int = 50,
     min_lr_ratio: float = 0.1,
     weight_decay: float = 0.1,
@@ -287,11 +288,13 @@ def train_model(
         carry_state: read documents in order and carry the model's state across windows
         straddle: let training windows cross document boundaries (without --carry-state)
         steps: optimizer steps
-        max_minutes: stop after this much training time (validation excluded), even before --steps
+        max_minutes: stop after this much training time (validation excluded), even before --steps (with
+            --schedule-by time: in total over all resumes)
         batch_size: windows per batch and process
         grad_accum: batches accumulated per optimizer step
         lr: peak learning rate (AdamW)
         schedule: learning-rate decay after warm-up
+        schedule_by: cosine/linear decay over --steps, or over the --max-minutes training time (time)
         warmup: linear warm-up steps
         min_lr_ratio: cosine/linear schedules: final learning rate as a fraction of lr
         weight_decay: AdamW weight decay (matrices only; norms and biases never decay)
@@ -317,13 +320,15 @@ def train_model(
     options = {**(model_options or {}), **parse_assignments(list(set))}
     tok = {"path": tokenizer} if tokenizer else {"type": tokenizer_type, "vocab_size": vocab_size}
     cfg = TrainConfig(steps=steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
-                      betas=tuple(betas), clip=clip, precision=precision, trainable="full", carry_state=carry_state,
+                      schedule=schedule, schedule_by=schedule_by, warmup=warmup, min_lr_ratio=min_lr_ratio,
+                      weight_decay=weight_decay, betas=tuple(betas), clip=clip, precision=precision, trainable="full",
+                      carry_state=carry_state,
                       eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, keep_last=keep_last,
                       patience=patience, log_every=log_every, seed=seed, tensorboard=tensorboard, progress=progress,
                       wandb_project=wandb_project, wandb_run_name=wandb_run_name)
     if window < 2:
         raise ConfigError(f"window must be >= 2 tokens, got {window}")
+    _match_bptt_window(model, options, window)
     recipe = ScratchRecipe(model_type=model, output_dir=output_dir or f"runs/{model}", source=source,
                            data={"text_column": text_column, "validation_fraction": validation_fraction,
                                  "test_fraction": test_fraction},
@@ -345,6 +350,20 @@ def train_model(
         return 128 + int(summary["signal"])
     print(f"final weights: {summary['final']}")
     return 0
+
+
+def _match_bptt_window(model_type: str, options: dict, window: int) -> None:
+    """A model whose config names its truncated-BPTT window (``n_ctx``) trains on windows of that size."""
+    import dataclasses
+
+    from hiermem.models import model_spec
+
+    if "n_ctx" not in {f.name for f in dataclasses.fields(model_spec(model_type).config_class())}:
+        return
+    options.setdefault("n_ctx", window)
+    if options["n_ctx"] != window:
+        raise ConfigError(f"model n_ctx ({options['n_ctx']}) is the truncated-BPTT window and must equal the "
+                          f"training window ({window}); set one of them, or both to the same value")
 
 
 # the YAML sections whose body goes to one dict option instead of being flattened into options

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from hiermem.errors import ConfigError
-from hiermem.io import check_ints, dataclass_from_dict
+from hiermem.io import check_ints
+from hiermem.models.scratch_config import ScratchConfig
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ScratchConfig):
     """A small Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) trained from scratch.
 
     vocab_size: size of the tokenizer it is trained with (required).
@@ -80,9 +80,8 @@ class TransformerConfig:
 
     # --- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.model_type != "transformer":
-            raise ConfigError(f"TransformerConfig got model_type {self.model_type!r}")
         check_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "context_length"), what="transformer ")
+        self.check_common("transformer")
         check_ints(self, ("num_kv_heads", "intermediate_size", "stride"), allow_none=True, what="transformer ")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
@@ -99,25 +98,5 @@ class TransformerConfig:
                               "(new tokens per pass beyond the window)")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             raise ConfigError(f"init_std must be > 0, got {self.init_std!r}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size):
-                raise ConfigError(f"{name} {v!r} must be an id in [0, vocab_size={self.vocab_size}) or None")
-
-    # --- serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TransformerConfig":
-        """Build from JSON; missing fields take defaults, unknown fields are ignored with a warning."""
-        if "vocab_size" not in data:
-            raise ConfigError("transformer config needs vocab_size (the size of its tokenizer's vocabulary)")
-        return dataclass_from_dict(cls, data, "transformer config")
-
-    def replace(self, **changes) -> "TransformerConfig":
-        return dataclasses.replace(self, **changes)

@@ -1,0 +1,149 @@
+"""HRMLM: a hierarchical recurrent LM. For each token t, N high-level cycles, each of T low-level
+GRU steps then one high-level step::
+
+    h_l <- GRU_low([x_t; h_h], h_l)      (T times)
+    h_h <- GRU_high(h_l, h_h)            (then once; the whole cycle N times)
+    logits_t = W_o h_h + b_o
+
+The state (h_l, h_h) after the last token is the model's memory: carried across calls, it reads a
+document of any length in constant memory, and chunked calls equal one long call exactly.
+
+Speed (the recurrence is sequential, so the work outside it is moved out): the embedding part of
+the low cell's input product is one matmul over all tokens; the h_h part is computed once per
+high-level cycle (it does not change during the T low steps), fused with the high cell's own
+recurrent product into one matmul; the vocabulary projection runs once over all tokens after the
+loop; each gate update is five fused element-wise ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiermem.models.base import Decoder, HiermemModel, ModelOutput, lm_output
+from hiermem.models.hrmlm.cells import GRUCell
+from hiermem.models.hrmlm.config import HRMLMConfig
+from hiermem.models.hrmlm.recurrence import Recurrence, run
+from hiermem.models.state import ModelState, batch_field
+
+
+@dataclass
+class HRMLMState(ModelState):
+    """low: (B, n_hidden) h_l; high: (B, n_high_hidden) h_h; tokens: tokens read so far."""
+
+    KIND: ClassVar[str] = "hrmlm-state"
+    low: torch.Tensor = batch_field(0)
+    high: torch.Tensor = batch_field(0)
+    tokens: int = 0
+
+
+@dataclass
+class HRMLMOutput(ModelOutput):
+    """ModelOutput plus, with ``return_states=True``, the states after every token:
+    low_states (B, T, n_hidden) and high_states (B, T, n_high_hidden) (features for other tasks)."""
+
+    low_states: torch.Tensor | None = None
+    high_states: torch.Tensor | None = None
+
+
+class HRMLM(HiermemModel):
+    """Hierarchical recurrent memory LM trained from scratch (see the module docstring).
+
+    Parameters: ``embedding`` (V, E), ``low`` GRUCell(E + H_h -> H_l), ``high`` GRUCell(H_l -> H_h),
+    ``head`` (V, H_h) or the embedding when tied, ``head_bias`` (V,).
+    """
+
+    config_class: ClassVar[type] = HRMLMConfig
+    state_class: ClassVar[type] = HRMLMState
+    decoder_class: ClassVar[type] = Decoder  # calls compose: the default decoder is exact
+    default_trainable: ClassVar[str] = "full"
+
+    def __init__(self, config: HRMLMConfig):
+        super().__init__()
+        self.config = c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.n_embd)
+        self.low = GRUCell(c.n_embd + c.n_high_hidden, c.n_hidden, c.layer_norm)
+        self.high = GRUCell(c.n_hidden, c.n_high_hidden, c.layer_norm)
+        self.head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.n_high_hidden))
+        self.head_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.drop = nn.Dropout(c.dropout)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        if self.head is not None:
+            nn.init.normal_(self.head, std=0.02)
+
+    # --- protocol ---------------------------------------------------------------------------
+    def init_state(self, batch_size: int = 1) -> HRMLMState:
+        p = self.embedding.weight
+        return HRMLMState(low=p.new_zeros(batch_size, self.config.n_hidden),
+                          high=p.new_zeros(batch_size, self.config.n_high_hidden))
+
+    def architecture_fields(self) -> tuple[str, ...]:
+        return tuple(k for k in self.config.to_dict() if k not in ("dropout", "n_ctx", "tokenizer"))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.head is None else self.head
+
+    def logits(self, high: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) from high-level states (..., H_h)."""
+        return F.linear(self.drop(high), self.output_weight, self.head_bias)
+
+    def norm_params(self) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Parameters of the (low input, low recurrent, high input, high recurrent) normalisations."""
+        def of(cell, kind):
+            if cell.layer_norm:
+                return getattr(cell, f"norm_{kind}_weight"), getattr(cell, f"norm_{kind}_bias")
+            return (getattr(cell, f"bias_{kind}"),)
+        return of(self.low, "ih"), of(self.low, "hh"), of(self.high, "ih"), of(self.high, "hh")
+
+    def recur(self, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+        """Run the recurrence over embeddings x (B, L, E) from states low (B, H_l), high (B, H_h).
+
+        Returns high states (B, L, H_h) and low states (B, L, H_l) after every token.
+        """
+        c, lo, hi = self.config, self.low, self.high
+        x_part = x @ lo.weight_ih[:, :c.n_embd].t()  # (B, L, 3H_l): the embedding part, all tokens at once
+        # h_h feeds both the high cell's recurrent product and the low cell's input: one matmul
+        w_next = torch.cat([hi.weight_hh, lo.weight_ih[:, c.n_embd:]])  # (3H_h + 3H_l, H_h)
+        norms = self.norm_params()
+        if torch.is_grad_enabled() and (x_part.requires_grad or low.requires_grad or high.requires_grad):
+            flat = [p for group in norms for p in group]
+            return Recurrence.apply(c.T, c.N, len(norms[0]), x_part, low, high, w_next, lo.weight_hh,
+                                    hi.weight_ih, *flat)
+        highs, lows, _ = run(x_part, low, high, w_next, lo.weight_hh, hi.weight_ih, norms, c.T, c.N)
+        return highs, lows
+
+    def forward(self, input_ids: torch.Tensor, state: HRMLMState | None = None, labels: torch.Tensor | None = None,
+                return_logits: bool = True, return_token_nll: bool = False,
+                return_states: bool = False) -> HRMLMOutput:
+        """Read input_ids (B, T) after ``state`` (zeros when None).
+
+        labels (B, T): HF convention (shifted inside, -100 ignored). Without return_logits,
+        labels and token NLL only the last position's logits are made (generation, reading).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        state = state if state is not None else self.init_state(B)
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        dtype = self.embedding.weight.dtype
+        x = self.drop(self.embedding(input_ids))
+        highs, lows = self.recur(x, state.low.to(dtype), state.high.to(dtype))
+        # own storage: a view would keep the (B, L, H) stacks alive as long as the state
+        new_state = HRMLMState(low=lows[:, -1].contiguous(), high=highs[:, -1].contiguous(), tokens=state.tokens + L)
+        if return_logits or labels is not None or return_token_nll:
+            out = lm_output(self.logits(highs), input_ids, labels, new_state, return_logits, return_token_nll)
+            out = HRMLMOutput(**vars(out))
+        else:
+            last = self.logits(highs[:, -1])
+            out = HRMLMOutput(loss=None, state=new_state, last_logits=last)
+        if return_states:
+            out.low_states, out.high_states = lows, highs
+        return out

@@ -1,0 +1,249 @@
+"""HRMLM: the fast recurrence equals the plain per-token loop (values and gradients), carried state
+equals one long pass, generation consumes the whole prompt, recipes construct, training resumes
+bit-exactly, and bad checkpoints or tokenizers fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiermem.errors import CheckpointError, ConfigError
+from hiermem.inference.generate import GenerationConfig, apply_repetition_penalty, generate
+from hiermem.models import load_model
+from hiermem.models.hrmlm import HRMLM, HRMLMConfig, HRMLMState
+from hrmlm_reference import naive_forward
+
+DIMS = [  # (n_embd, n_hidden, n_high_hidden, T, N)
+    (8, 12, 6, 2, 3),
+    (5, 7, 7, 1, 1),
+    (6, 4, 9, 3, 2),
+]
+
+
+def tiny(dtype=torch.float64, seed=0, vocab=40, **kw) -> HRMLM:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": vocab, "n_embd": 8, "n_hidden": 12, "n_high_hidden": 6, "T": 2, "N": 2, **kw}
+    model = HRMLM(HRMLMConfig(**cfg)).to(dtype)
+    with torch.no_grad():  # move every parameter off its initial value (norm gains of 1, zero biases)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def ids(b, t, seed=1, vocab=40):
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("dims", DIMS)
+def test_fast_path_equals_the_naive_loop_in_values_and_gradients(dims, layer_norm):
+    E, Hl, Hh, T, N = dims
+    model = tiny(n_embd=E, n_hidden=Hl, n_high_hidden=Hh, T=T, N=N, layer_norm=layer_norm)
+    x = ids(3, 7)
+    start = model.init_state(3)
+    low0, high0 = torch.randn_like(start.low).requires_grad_(), torch.randn_like(start.high).requires_grad_()
+    out = model(x, state=HRMLMState(low=low0, high=high0), labels=x, return_states=True)
+    ref_logits, ref_lows, ref_highs, (ref_low, ref_high) = naive_forward(model, x, low0, high0)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.low_states, ref_lows, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.high_states, ref_highs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.state.low, ref_low, rtol=0, atol=1e-12)
+    # a loss that reaches the logits, every per-token state and the final state
+    inputs = [low0, high0, *model.parameters()]
+    fast = out.loss + out.low_states.square().mean() + out.state.high.sum()
+    ref_loss = F.cross_entropy(ref_logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    slow = ref_loss + ref_lows.square().mean() + ref_high.sum()
+    for (name, a), b in zip([("low0", 0), ("high0", 0), *model.named_parameters()],
+                            zip(torch.autograd.grad(fast, inputs), torch.autograd.grad(slow, inputs))):
+        g_fast, g_slow = b
+        assert g_slow.abs().sum() > 0, name
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_carried_state_over_windows_equals_one_long_pass():
+    model = tiny(n_hidden=10, n_high_hidden=7)
+    x = ids(2, 23)
+    whole = model(x, labels=x)
+    state, logits = None, []
+    for chunk in x.split(5, dim=1):
+        part = model(chunk, state=state)
+        state, logits = part.state, logits + [part.logits]
+    torch.testing.assert_close(torch.cat(logits, 1), whole.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state.high, whole.state.high, rtol=0, atol=1e-12)
+    assert state.tokens == whole.state.tokens == 23
+    dec = model.decoder(batch_size=2)  # the decoder, token by token (its logits are float32)
+    steps = torch.stack([dec.feed(x[:, i]) for i in range(x.shape[1])], 1)
+    torch.testing.assert_close(steps, whole.logits.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dec.state.low, whole.state.low, rtol=0, atol=1e-12)
+
+
+def test_the_whole_prompt_is_read():
+    """Changing only the first prompt token changes what follows (the state carries it)."""
+    model = tiny(torch.float32)
+    prompt = ids(1, 12)
+    other = prompt.clone()
+    other[0, 0] = (prompt[0, 0] + 1) % 40
+    cfg = GenerationConfig(max_new_tokens=5)
+    a, b = generate(model, prompt, cfg), generate(model, other, cfg)
+    assert a.decoder.state.tokens == 12 + 5
+    assert not torch.allclose(a.decoder.last_logits, b.decoder.last_logits)
+    ref = model(torch.cat([prompt, a.tokens[:, :-1]], 1)).logits[:, 11:].argmax(-1)
+    assert torch.equal(ref, a.tokens)  # greedy generation = greedy over one forward pass
+
+
+def test_repetition_penalty_lowers_repeated_tokens_whatever_their_sign():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0]])
+    seen = torch.tensor([[0, 1]])  # one positive and one negative logit
+    before = logits.softmax(-1)
+    after = apply_repetition_penalty(logits, seen, 1.5).softmax(-1)
+    assert after[0, 0] < before[0, 0] and after[0, 1] < before[0, 1]
+    assert all(after[0, i] > before[0, i] for i in (2, 3, 4))
+
+
+def test_eos_stops_and_beams_run():
+    model = tiny(torch.float32)
+    prompt = ids(1, 6)
+    first = generate(model, prompt, GenerationConfig(max_new_tokens=8)).tokens[0, 0].item()
+    stopped = generate(model, prompt, GenerationConfig(max_new_tokens=8, eos_token_id=first))
+    assert stopped.tokens[0].tolist() == [first] and stopped.finish_reason == "eos"
+    beams = generate(model, prompt, GenerationConfig(max_new_tokens=6, num_beams=3))
+    assert 1 <= beams.tokens.shape[1] <= 6 and beams.decoder.state.tokens == 6 + beams.tokens.shape[1]
+
+
+@pytest.mark.parametrize("name, params", [("hrmlm-cpu", 3.6e6), ("hrmlm-small", 61e6), ("hrmlm-medium", 90e6),
+                                          ("hrmlm-large", 211e6)])
+def test_bundled_recipes_construct(name, params):
+    from hiermem.configs import read_config
+    from hiermem.training.cli import train_model
+
+    options = read_config(train_model, name)
+    cfg = HRMLMConfig(vocab_size=options["vocab_size"], **options["model_options"])
+    with torch.device("meta"):  # build without allocating
+        model = HRMLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == cfg.param_count() and abs(n - params) / params < 0.02
+    assert options["carry_state"] is True
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"n_hidden": 0}, "positive"),
+    ({"T": 0}, "positive"),
+    ({"tie_embeddings": True}, "n_high_hidden == n_embd"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"eos_token_id": 40}, "eos_token_id"),
+    ({"layer_norm": "yes"}, "true or false"),
+])
+def test_config_validation(bad, words):
+    with pytest.raises(ConfigError, match=words):
+        HRMLMConfig(**{"vocab_size": 40, "n_embd": 8, "n_high_hidden": 6, **bad})
+
+
+def test_tied_embeddings_share_the_matrix_and_train():
+    model = tiny(n_embd=6, n_high_hidden=6, tie_embeddings=True)
+    assert model.output_weight is model.embedding.weight
+    x = ids(2, 9)
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def _save(tmp_path, name="m", **kw):
+    from hiermem.tokenizers import train_tokenizer
+
+    tok = train_tokenizer(["to be or not to be, that is the question. " * 40], tmp_path / "tok", type="byte")
+    model = tiny(torch.float32, vocab=len(tok), **kw)
+    model.tokenizer = tok
+    model.save_pretrained(tmp_path / name)
+    return model, tok
+
+
+def test_save_load_round_trip_and_state_files(tmp_path):
+    model, tok = _save(tmp_path)
+    x = torch.tensor([tok.encode("to be or not")])
+    for loaded in (HRMLM.from_pretrained(tmp_path / "m"), load_model(tmp_path / "m")):
+        assert isinstance(loaded, HRMLM) and loaded.config == model.config
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    state = model(x).state
+    state.save(tmp_path / "s.safetensors", fingerprint=model.fingerprint())
+    back = HRMLMState.load(tmp_path / "s.safetensors", fingerprint=model.fingerprint())
+    assert torch.equal(back.high, state.high) and back.tokens == state.tokens
+    other = tiny(torch.float32, vocab=len(tok), n_hidden=5)
+    with pytest.raises(CheckpointError):  # a state of another architecture
+        HRMLMState.load(tmp_path / "s.safetensors", fingerprint=other.fingerprint())
+
+
+def test_corrupt_or_mismatched_checkpoints_and_tokenizers_fail_clearly(tmp_path):
+    _save(tmp_path)
+    bad = tmp_path / "m" / "model.safetensors"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "m")
+    bad.write_bytes(good)
+    cfg_file = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "n_hidden": cfg["n_hidden"] + 1}))
+    with pytest.raises(CheckpointError, match="n_hidden|shape|low"):
+        load_model(tmp_path / "m")
+    cfg_file.write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 2, "eos_token_id": None}))
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "m")
+    cfg_file.write_text(json.dumps(cfg))
+    (tmp_path / "m" / "tokenizer" / "hiermem_tokenizer.json").write_text("{ not json")
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "m")
+
+
+def test_train_command_resumes_bit_exactly_and_generates(tmp_path):
+    """`hiermem train hrmlm` with carried state: 6 steps at once equal 3 steps, then a resumed run
+    to 6 (a constant schedule, so that both runs see the same learning rates); the result loads, generates and answers as a served model with a session."""
+    import httpx
+
+    from hiermem.cli import main
+    from hiermem.inference.server import create_app, running
+    from hiermem.models.base import WEIGHTS_NAME
+    from hiermem.io import load_tensors
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"play{i}.txt").write_text(f"Act {i}. " + "O Romeo, Romeo, wherefore art thou Romeo? " * 40)
+
+    def train(out, steps):
+        return main(["train", "hrmlm", "--config", "hrmlm-cpu", "--source", str(docs), "--steps", str(steps),
+                     "--set", "n_embd=12", "n_hidden=16", "n_high_hidden=10", "--tokenizer-type", "byte",
+                     "--window", "16", "--batch-size", "2", "--schedule", "constant", "--validation-fraction", "0.2", "--test-fraction", "0",
+                     "--eval-every", "3", "--eval-batches", "1", "--save-every", "3", "--output-dir", str(out),
+                     "--no-tensorboard", "--no-progress"])
+
+    assert train(tmp_path / "a", 6) == 0
+    assert train(tmp_path / "b", 3) == 0 and train(tmp_path / "b", 6) == 0
+    a, _ = load_tensors(tmp_path / "a" / "final" / WEIGHTS_NAME)
+    b, _ = load_tensors(tmp_path / "b" / "final" / WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["model"]["n_ctx"] == 16 and summary["train_config"]["carry_state"]
+
+    model = load_model(tmp_path / "b" / "final")
+    tok = model.tokenizer
+    out = generate(model, torch.tensor([tok.encode("O Romeo")]), GenerationConfig(max_new_tokens=5))
+    assert out.tokens.shape == (1, 5)
+    app = create_app(model.eval(), tok, model_name="hrmlm")
+    with running(app) as base:
+        body = {"model": "hrmlm", "prompt": "O Romeo", "max_tokens": 4, "session_id": "s1"}
+        r1 = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+        assert r1.status_code == 200, r1.text
+        r2 = httpx.post(f"{base}/v1/completions", json={**body, "prompt": ", Romeo"}, timeout=30)
+        assert r2.status_code == 200, r2.text
+        memory = httpx.get(f"{base}/v1/sessions/s1", timeout=30).json()["memory"]
+        assert memory["tokens"] >= len(tok.encode("O Romeo")) + len(tok.encode(", Romeo")) + 4
+
+
+def test_bptt_window_must_match_n_ctx(tmp_path):
+    from hiermem.cli import main
+
+    code = main(["train", "hrmlm", "--config", "hrmlm-cpu", "--set", "n_ctx=64", "--window", "32",
+                 "--output-dir", str(tmp_path / "x"), "--steps", "1"])
+    assert code != 0 and not (tmp_path / "x" / "final").exists()
