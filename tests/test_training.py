@@ -82,6 +82,40 @@ def test_schedules():
     assert lr_factor(7, TrainConfig(steps=20, warmup=0, schedule="constant")) == 1.0
 
 
+def test_time_schedule_follows_the_budget():
+    cos = TrainConfig(steps=10**6, warmup=2, schedule="cosine", schedule_by="time", max_minutes=1.0)
+    assert lr_factor(0, cos, 50.0) == pytest.approx(1 / 3)  # warm-up still counts steps
+    assert [lr_factor(9, cos, s) for s in (0.0, 30.0, 60.0, 600.0)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    lin = cos.replace(schedule="linear", min_lr_ratio=0.0)
+    assert lr_factor(10**5, lin, 15.0) == pytest.approx(0.75)  # the step count does not matter
+    for bad in (dict(max_minutes=None), dict(schedule="step")):
+        with pytest.raises(ConfigError, match="schedule_by time"):
+            cos.replace(**bad)
+
+
+def test_time_budget_decays_lr_to_min_and_resume_accumulates_time(tmp_path):
+    minutes, low = 0.04, 0.1  # 2.4 s of training; a step takes about 0.1 s
+    cfg = config(steps=10**6, warmup=0, schedule="cosine", schedule_by="time", max_minutes=minutes,
+                 min_lr_ratio=low, eval_every=0, save_every=0)
+    first = Trainer(make_model(events={3: "sigint"}), cfg, *loaders(), output_dir=tmp_path)
+    assert first.fit().status == "interrupted"
+    state = json.loads((tmp_path / "step-00000003" / "trainer_state.json").read_text())
+    spent = state["train_seconds"]
+    assert 0 < spent < 60 * minutes and spent == first.train_seconds
+
+    second = Trainer(make_model(), cfg, *loaders(), output_dir=tmp_path)
+    second.resume(tmp_path / "step-00000003")
+    assert second.train_seconds == spent  # the decay continues where it stopped
+    res = second.fit(resume=True)
+    assert res.status == "budget" and res.train_seconds >= 60 * minutes
+    final_lr = second.optimizer.param_groups[0]["lr"]  # set from the time spent before the last step
+    assert cfg.lr * low <= final_lr <= cfg.lr * (low + 0.25 * (1 - low))  # near the end of the decay
+    assert json.loads((res.last_checkpoint / "trainer_state.json").read_text())["train_seconds"] == res.train_seconds
+
+    again = Trainer(make_model(), cfg, *loaders(), output_dir=tmp_path).fit(resume=True)
+    assert again.status == "budget" and again.step == res.step  # the whole run's budget is spent
+
+
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(schedule="exp"), dict(precision="fp8"),
                                  dict(trainable="head"), dict(betas=(0.9, 1.5)), dict(grad_accum=0)])
 def test_bad_config_is_refused(bad):

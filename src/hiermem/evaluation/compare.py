@@ -2,7 +2,8 @@
 
 From-scratch families train on the same documents (the training split of ``--source``), with one
 shared tokenizer trained once, each for the same training time (``--budget-minutes``, validation
-excluded); families over a pretrained backbone (HMT) are loaded from their released or given
+excluded; the learning rate decays, cosine unless the family's recipe says otherwise, over that
+time); families over a pretrained backbone (HMT) are loaded from their released or given
 weights and listed apart (their budget is the backbone's pretraining plus their own). Every model
 then reads the same held-out text: the first ``--max-chars`` characters of each test document,
 so bits per byte are comparable whatever the tokenizer. Reported per model: bits per byte overall
@@ -46,9 +47,10 @@ def _train(model_type: str, out: Path, source: str, budget: float, tokenizer_fol
         recipe_opts = read_config(train_model, str(resolve_config(spec.default_config)))
         options = recipe_opts.pop("model_options", {})
     keys = ("batch_size", "lr", "schedule", "warmup", "weight_decay", "grad_accum", "min_lr_ratio", "clip")
-    cfg = TrainConfig(steps=10**7, max_minutes=budget, trainable="full", seed=seed, eval_every=10**6,
-                      eval_batches=8, save_every=0, tensorboard=False, progress=False,
-                      **{k: recipe_opts[k] for k in keys if k in recipe_opts})
+    train = {"schedule": "cosine", **{k: recipe_opts[k] for k in keys if k in recipe_opts}}
+    by_time = "time" if train["schedule"] in ("cosine", "linear") else "steps"  # decay over the budget
+    cfg = TrainConfig(steps=10**7, max_minutes=budget, schedule_by=by_time, trainable="full", seed=seed,
+                      eval_every=10**6, eval_batches=8, save_every=0, tensorboard=False, progress=False, **train)
     recipe = ScratchRecipe(model_type, out / "runs" / model_type, source=source, model=options,
                            tokenizer={"path": str(tokenizer_folder)}, training=cfg,
                            window=int(recipe_opts.get("window", 256)), device=device)

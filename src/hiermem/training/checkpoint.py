@@ -1,12 +1,22 @@
-"""Training checkpoints: the model's ``save_pretrained`` output plus the trainer's state, no pickle.
+"""Training checkpoints: the model's ``save_pretrained`` output plus the trainer's state.
 
-A checkpoint is a folder ``step-XXXXXXXX`` under the run folder holding
+A checkpoint is a folder ``step-XXXXXXXX`` under the run folder. Single-process and DDP runs write
 
 - whatever ``model.save_pretrained`` writes (so the folder loads with ``hiermem.models.load_model``);
-- ``trainer_state.json``: step, counters, best metric, training config and hyper-parameters;
+- ``trainer_state.json``: step, counters, training time, best metric, training config,
+  hyper-parameters and the launch layout (``world_size``, ``distributed_type``, ``sharding``);
 - ``trainer_state.safetensors``: optimizer (and loss-scaler) state as tensors, its structure in the
   file's JSON metadata;
-- ``trainer_rank-NNNNN.safetensors``: each process's RNG states and data-loader position.
+- ``trainer_rank-NNNNN.safetensors``: each process's RNG states and data-loader position;
+- ``trainer_carried_state-NNNNN.safetensors``: each process's carried model state (``carry_state``).
+
+FSDP runs (:mod:`hiermem.training.sharded`) write the same files, except that
+``trainer_state.safetensors`` holds only the loss scaler (if any), plus ``accelerate_state/``:
+Accelerate's ``SHARDED_STATE_DICT`` of the model (``pytorch_model_fsdp_0/``) and optimizer
+(``optimizer_0/``), each a torch.distributed.checkpoint folder of ``__<rank>_0.distcp`` shards and
+a ``.metadata`` index; the ``save_pretrained`` files hold the gathered full weights. Everything
+hiermem reads itself is JSON or safetensors; torch reads the shards' pickled parts (``.metadata``,
+non-tensor items) only after :func:`hiermem.training.sharded.check_shards` has vetted them.
 
 It is written into a hidden temporary folder and renamed into place once complete, so a folder
 named ``step-*`` is always whole. Nested states (optimizer, RNG, loader) become a JSON skeleton

@@ -11,6 +11,7 @@ from hiermem.io import check_ints, dataclass_from_dict
 
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
+SCHEDULE_BY = ("steps", "time")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINABLE = ("default", "memory", "lora", "full")
 
@@ -27,13 +28,17 @@ class TrainConfig:
     schedule: "constant", "cosine", "linear" or "step" (multiply by ``decay_gamma`` every
         ``decay_every`` steps), after ``warmup`` linear warm-up steps; cosine/linear end at
         ``min_lr_ratio * lr``.
+    schedule_by: what the cosine/linear decay follows: "steps" (step / ``steps``) or "time" (training
+        time spent / ``max_minutes``, accumulated across resumes, so the rate reaches its minimum
+        when the budget is spent; warm-up still counts steps). Needs ``max_minutes``.
     clip: gradient-norm clipping (0 = off).
     precision: "fp32", "bf16" (autocast, CUDA or CPU), "fp16" (autocast + loss scaling, CUDA),
         "auto" (bf16 on CUDA when supported, else fp32).
     trainable: "default" (the model's own choice: HMT's memory, everything for from-scratch models),
         "memory" (HMT memory parameters), "lora" (memory + LoRA adapters) or "full".
     lr_scales: learning-rate multiplier per parameter group of the model (e.g. {"no_decay": 0.5}).
-    max_minutes: stop once this much training time (validation excluded) has been spent in one run.
+    max_minutes: stop once this much training time (validation excluded) has been spent: in this
+        invocation with ``schedule_by`` "steps", in the whole run (all resumes) with "time".
     carry_state: carry the model's state, detached, from each batch to the next (contiguous-stream
         loaders; truncated BPTT across windows of the same document).
     gradient_checkpointing: recompute backbone activations in the backward pass.
@@ -55,6 +60,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     schedule: str = "step"
+    schedule_by: str = "steps"
     warmup: int = 10
     min_lr_ratio: float = 0.1
     decay_every: int = 50
@@ -101,9 +107,14 @@ class TrainConfig:
         if not isinstance(self.lr_scales, dict) or any(
                 not isinstance(v, (int, float)) or v < 0 for v in self.lr_scales.values()):
             raise ConfigError(f"lr_scales must map parameter-group names to numbers >= 0, got {self.lr_scales!r}")
-        for name, choices in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("trainable", TRAINABLE)):
+        for name, choices in (("schedule", SCHEDULES), ("schedule_by", SCHEDULE_BY), ("precision", PRECISIONS),
+                              ("trainable", TRAINABLE)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.schedule_by == "time" and (self.max_minutes is None or self.schedule not in ("cosine", "linear")):
+            raise ConfigError("schedule_by time decays the learning rate over the training-time budget: set "
+                              f"max_minutes and schedule cosine or linear (got max_minutes={self.max_minutes!r}, "
+                              f"schedule={self.schedule!r})")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

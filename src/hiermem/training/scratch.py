@@ -153,7 +153,8 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
                "model": model.config.to_dict(), "train_config": cfg.to_dict(), "window": recipe.window,
                "status": result.status, "steps": result.step, "best_val_loss": result.best_metric,
                "best_step": result.best_step, "val_history": result.evaluations, "tokens": result.tokens,
-               "tokens_per_second_this_run": round(result.tokens_per_second, 2), "processes": acc.num_processes,
+               "tokens_per_second_this_run": round(result.tokens_per_second, 2),
+               "train_seconds": round(result.train_seconds, 2), "processes": acc.num_processes,
                "device": str(acc.device), "python": sys.version.split()[0], "torch": torch.__version__,
                "platform": platform.platform()}
     if result.status == "interrupted":

@@ -14,8 +14,9 @@ Validation reports the NLL per token, perplexity and, when a tokenizer is given,
 the text of the scored tokens: summed NLL / (ln 2 * UTF-8 bytes).
 
 Processes and devices come from Hugging Face Accelerate: one process by default, DDP under
-``torchrun`` / ``accelerate launch``. Gradients are token-weighted across micro-batches and
-processes, so the update equals that of one big batch.
+``torchrun`` / ``accelerate launch``, FSDP under ``accelerate launch --use_fsdp`` (checkpoints then
+hold per-rank shards, see :mod:`hiermem.training.sharded`). Gradients are token-weighted across
+micro-batches and processes, so the update equals that of one big batch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -35,6 +37,7 @@ from accelerate.utils import set_seed
 from hiermem.errors import CheckpointError, ConfigError, TrainingError
 from hiermem.io import atomic_write_json
 from hiermem.training import checkpoint as ckpt
+from hiermem.training import sharded
 from hiermem.training.config import TrainConfig
 from hiermem.training.monitor import Monitor
 from hiermem.training.schedules import set_lr
@@ -58,6 +61,7 @@ class TrainResult:
     nonfinite_steps: int = 0
     tokens: int = 0
     tokens_per_second: float = 0.0
+    train_seconds: float = 0.0
     signal: int | None = None
     evaluations: list[dict] = field(default_factory=list)
 
@@ -134,6 +138,7 @@ class Trainer:
         self.hparams = dict(hparams or {})
         first = next(model.parameters())
         self.acc = accelerator or make_accelerator(first.device)
+        self.sharding = sharded.check_supported(self.acc)  # "fsdp" or None
         self.device = self.acc.device
         self.precision, self.autocast = _autocast(self.device, config.precision)
         self.trainable = select_trainable(model, config.trainable)
@@ -155,7 +160,10 @@ class Trainer:
         self.aux_weights = dict(getattr(model, "aux_weights", {}) or {})
         self.carried = None  # the model state carried across batches (carry_state)
         self._val_bytes: int | None = None  # UTF-8 bytes of this process's validation batches
+        self._twin = sharded.meta_twin(model) if self.sharding else None  # writes the gathered weights
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.sharding:  # FSDP replaced the parameters by their shards
+            self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.forward_kwargs = {"return_logits": False}  # the protocol: no (B, T, V) logits kept
         if config.loss_skip_segments:  # HMT's memory warm-up
@@ -167,6 +175,7 @@ class Trainer:
         self.evals_since_best = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.train_seconds = 0.0  # training time over all resumes (the same on every process with max_minutes)
         self.evaluations: list[dict] = []
         self._signal: int | None = None
         self._clock = [0.0, 0]  # training seconds and supervised tokens of the current fit()
@@ -185,7 +194,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "best_metric": self.best_metric,
                 "best_step": self.best_step, "evals_since_best": self.evals_since_best,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
-                "evaluations": self.evaluations, "world_size": self.acc.num_processes,
+                "evaluations": self.evaluations, "train_seconds": self.train_seconds, **sharded.describe(self.acc),
                 "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict(),
                 "model_type": type(self.model).__name__, "trainable": self.trainable, "hparams": self.hparams}
 
@@ -202,10 +211,12 @@ class Trainer:
         if self.carried is not None:
             self.carried.save(tmp / CARRIED_STATE.format(self.acc.process_index), fingerprint=self.model.fingerprint())
         self.acc.wait_for_everyone()
+        if self.sharding:
+            sharded.save_shards(self.acc, self.wrapped, self.optimizer, tmp)
+        self._write_weights(tmp)
         target = root / name
         if self.is_main:
-            self.model.save_pretrained(tmp)
-            shared = {"optimizer": self.optimizer.state_dict()}
+            shared = {} if self.sharding else {"optimizer": self.optimizer.state_dict()}
             if self.scaler is not None:
                 shared["scaler"] = self.scaler.state_dict()
             ckpt.write_shared_state(tmp, self._state(), shared)
@@ -215,10 +226,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         return target
 
+    def _write_weights(self, folder: Path) -> None:
+        """``save_pretrained`` output into ``folder`` by the main process (all processes must call this:
+        under FSDP the weights are gathered first)."""
+        if self.sharding:
+            sharded.save_pretrained_full(self.acc, self.wrapped, self._twin, folder)
+        elif self.is_main:
+            self.model.save_pretrained(folder)
+
     def _save_best(self, metric: float) -> None:
+        tmp = self.output_dir / ".tmp-best"
         if self.is_main:
-            tmp = ckpt.new_tmp(self.output_dir, "best")
-            self.model.save_pretrained(tmp)
+            ckpt.new_tmp(self.output_dir, "best")
+        self.acc.wait_for_everyone()
+        self._write_weights(tmp)
+        if self.is_main:
             atomic_write_json(tmp / "best.json", {"step": self.step, "val_ppl": metric,
                                                   "hparams": self.hparams, "train_config": self.cfg.to_dict()})
             ckpt.publish(tmp, self.output_dir / "best")
@@ -227,24 +249,28 @@ class Trainer:
     def export(self, result: TrainResult, folder: Path) -> int:
         """Write the run's chosen weights (best by validation, else the last) to ``folder`` with
         ``save_pretrained``, atomically; return the step they come from."""
-        step = self.step
-        if result.best_checkpoint is not None and result.best_step != self.step:
-            ckpt.load_trainable(self.model, result.best_checkpoint, self.trainable)
-            step = result.best_step
+        best = result.best_checkpoint if result.best_checkpoint is not None and result.best_step != self.step else None
+        tmp = folder.parent / f".tmp-{folder.name}"
         if self.is_main:
-            tmp = ckpt.new_tmp(folder.parent, folder.name)
-            self.model.save_pretrained(tmp)
+            ckpt.new_tmp(folder.parent, folder.name)
+        self.acc.wait_for_everyone()
+        if best is not None and self.sharding:  # best/ already holds gathered weights
+            if self.is_main:
+                shutil.copytree(best, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("best.json"))
+        else:
+            if best is not None:
+                ckpt.load_trainable(self.model, best, self.trainable)
+            self._write_weights(tmp)
+        if self.is_main:
             ckpt.publish(tmp, folder)
         self.acc.wait_for_everyone()
-        return step
+        return self.step if best is None else result.best_step
 
     def resume(self, folder: str | Path) -> None:
         """Restore model trainables, optimizer, RNG, data position and counters from ``folder``."""
         folder = Path(folder)
         state, shared = ckpt.read_shared_state(folder, device=None)
-        if state.get("world_size") != self.acc.num_processes:
-            raise CheckpointError(f"{folder} was written by {state.get('world_size')} processes, this run has "
-                                  f"{self.acc.num_processes}; resume with the same number of processes")
+        sharded.check_resume(state, sharded.describe(self.acc), folder)
         saved_model, now_model = state.get("model_config", {}), self.model.config.to_dict()
         changed = sorted(k for k in set(saved_model) | set(now_model) if saved_model.get(k) != now_model.get(k))
         if changed:
@@ -258,8 +284,11 @@ class Trainer:
         if diffs:
             log.info("resuming with changed settings: %s",
                      ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(diffs.items())))
-        ckpt.load_trainable(self.model, folder, self.trainable)
-        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.sharding:
+            sharded.load_shards(self.acc, self.wrapped, self.optimizer, folder)
+        else:
+            ckpt.load_trainable(self.model, folder, self.trainable)
+            self.optimizer.load_state_dict(shared["optimizer"])
         if self.scaler is not None and "scaler" in shared:
             self.scaler.load_state_dict(shared["scaler"])
         carried = folder / CARRIED_STATE.format(self.acc.process_index)
@@ -271,6 +300,7 @@ class Trainer:
         for key in ("step", "tokens", "best_metric", "best_step", "evals_since_best", "nonfinite_total",
                     "nonfinite_run", "evaluations"):
             setattr(self, key, state[key])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resumed from %s (step %d)", folder, self.step)
 
     # --- batches and carried state -------------------------------------------------------
@@ -317,9 +347,10 @@ class Trainer:
         names = sorted(self.aux_weights)
         sums = torch.zeros(3 + len(names), dtype=torch.float64, device=self.device)  # [nll, tokens, bytes, aux...]
         it, state, counted = iter(self.val_data), None, 0
+        module = self.wrapped if self.sharding else self.model  # FSDP gathers the shards in its forward
         for _ in range(n_batches):
             batch = next(it).to(self.device)
-            out, _ = self._forward(self.model, batch, state)
+            out, _ = self._forward(module, batch, state)
             state = out.state.detach() if self.cfg.carry_state else None
             n = out.num_tokens
             sums[0] += out.loss.double() * n
@@ -350,7 +381,7 @@ class Trainer:
     def _train_step(self, batches) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
         cfg, world = self.cfg, self.acc.num_processes
-        lr = set_lr(self.optimizer, self.step, cfg)
+        lr = set_lr(self.optimizer, self.step, cfg, self.train_seconds)
         names = sorted(self.aux_weights)
         stats = torch.zeros(4 + len(names), dtype=torch.float64, device=self.device)  # [nll, tokens, bad, signal, aux]
         for i in range(cfg.grad_accum):
@@ -383,7 +414,9 @@ class Trainer:
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            norm = self.acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+            max_norm = cfg.clip if cfg.clip > 0 else float("inf")
+            norm = (sharded.clip_grad_norm(self.wrapped, self.params, max_norm) if self.sharding
+                    else self.acc.clip_grad_norm_(self.params, max_norm))
             result["grad_norm"] = float(norm)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -429,7 +462,7 @@ class Trainer:
             log.warning("the warm-up (%d steps) is longer than the run (%d steps): the learning rate never reaches "
                         "its peak %g; lower --warmup", self.cfg.warmup, self.cfg.steps, self.cfg.lr)
         last_saved = self.step if self.step else None
-        status = "completed"
+        status = "budget" if self._time_spent() else "completed"
         self.model.train()
         self._clock = [0.0, 0]
         monitor = Monitor(self.cfg, self.output_dir, self.hparams, self.step, enabled=self.is_main)
@@ -455,7 +488,7 @@ class Trainer:
                            best_checkpoint=out_dir / "best" if out_dir and (out_dir / "best").exists() else None,
                            best_metric=self.best_metric, best_step=self.best_step,
                            nonfinite_steps=self.nonfinite_total, tokens=self.tokens,
-                           tokens_per_second=tokens / seconds if seconds else 0.0,
+                           tokens_per_second=tokens / seconds if seconds else 0.0, train_seconds=self.train_seconds,
                            signal=self._signal if status == "interrupted" else None,
                            evaluations=list(self.evaluations))
 
@@ -506,8 +539,14 @@ class Trainer:
             self._signal = self._signal or signal.SIGTERM
             return "interrupted"
         cfg = self.cfg
-        spent = cfg.max_minutes is not None and bool(self.acc.reduce(torch.tensor(
-            [float(self._clock[0] >= 60.0 * cfg.max_minutes)], device=self.device), reduction="sum") > 0)
+        spent = False
+        if cfg.max_minutes is None:
+            self.train_seconds += dt
+        else:  # every process agrees on the time spent (it sets the learning rate with schedule_by time)
+            flags = self.acc.reduce(torch.tensor([float(self._clock[0] >= 60.0 * cfg.max_minutes), dt],
+                                                 dtype=torch.float64, device=self.device), reduction="sum")
+            self.train_seconds += float(flags[1]) / self.acc.num_processes
+            spent = self._time_spent() if cfg.schedule_by == "time" else bool(flags[0] > 0)
         due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps or spent
         if self.val_data is not None and due and self._validate(monitor):
             return "early_stopped"
@@ -515,6 +554,10 @@ class Trainer:
             log.info("training-time budget of %.1f min spent at step %d", cfg.max_minutes, self.step)
             return "budget"
         return "completed"
+
+    def _time_spent(self) -> bool:
+        """With ``schedule_by`` "time": the whole run's training-time budget is spent."""
+        return self.cfg.schedule_by == "time" and self.train_seconds >= 60.0 * self.cfg.max_minutes
 
     def _validate(self, monitor: Monitor) -> bool:
         """Evaluate, keep the best weights; True when patience has run out."""
