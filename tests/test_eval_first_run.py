@@ -3,6 +3,7 @@ then the ones left out are named), a perplexity-by-position PNG for every run, r
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -25,11 +26,10 @@ def tiny(tmp_path_factory):
     return root, ckpt
 
 
-def _eval(root, ckpt, *args) -> dict:
-    out = root / "out"
+def _eval(root, ckpt, *args, out: str = "out") -> dict:
     assert main(["eval", "--checkpoint", str(ckpt), "--source", str(root / "my_docs"), "--max-tokens", "60",
-                 "--methods", "chunks", "hmt-fifo", "--tasks", "perplexity", "--output", str(out), *args]) == 0
-    return json.loads((out / "results.json").read_text())
+                 "--methods", "chunks", "hmt-fifo", "--tasks", "perplexity", "--output", str(root / out), *args]) == 0
+    return json.loads((root / out / "results.json").read_text())
 
 
 def test_own_folder_is_read_whole_by_default(tiny, capsys):
@@ -75,3 +75,14 @@ def test_diagnostics_plot_and_table_without_evictions():
     assert all(float(t).is_integer() for t in ax.get_xticks())
     table = diagnostics_table(diag)
     assert "nan" not in table and "hmt-attention" in table
+
+
+
+def test_without_matplotlib_the_numbers_are_still_written(tiny, monkeypatch, caplog):
+    root, ckpt = tiny
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with caplog.at_level(logging.WARNING):
+        res = _eval(root, ckpt, out="no-plots")
+    assert res["perplexity"]["settings"]["documents"] == 2
+    assert (root / "no-plots" / "perplexity.csv").exists() and not list((root / "no-plots").glob("*.png"))
+    assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)

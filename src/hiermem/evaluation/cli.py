@@ -210,11 +210,16 @@ def _recall(models, samples, window: int | None, seed: int, baseline_bos: bool |
 
 def _write(folder: Path, results: dict) -> None:
     written = [report.write_json(folder / "results.json", results)]
+    plots = []
     if "perplexity" in results:
         written.append(report.write_csv(folder / "perplexity.csv", report.perplexity_rows(results["perplexity"])))
-        written.append(report.plot_perplexity(results["perplexity"], folder / "perplexity_by_position.png"))
+        plots.append(lambda: report.plot_perplexity(results["perplexity"], folder / "perplexity_by_position.png"))
     if "recall" in results:
         written.append(report.write_csv(folder / "recall.csv", results["recall"]["records"]))
     if results.get("diagnostics"):
-        written.append(plot_diagnostics(results["diagnostics"], folder / "memory_diagnostics.png"))
+        plots.append(lambda: plot_diagnostics(results["diagnostics"], folder / "memory_diagnostics.png"))
+    try:
+        written += [plot() for plot in plots]
+    except ImportError:  # the figures need the eval extras; the numbers are written already
+        log.warning("matplotlib is not installed: no PNG figures (pip install 'hiermem[eval]')")
     print("\nwrote " + ", ".join(str(p) for p in written))
