@@ -1,7 +1,8 @@
 """Token generation over any hiermem model's incremental decoder (memory carries past segments).
 
 ``generate`` reads a prompt through memory and decodes greedily, by sampling or by beam search;
-``TextStream`` turns tokens into text as they come (stop strings, partial characters);
+``TextStream`` turns tokens into text as they come (stop strings, partial characters), with
+``StopMatcher`` finding stop strings in one pass;
 ``select_rows`` / ``reorder_rows`` pick batch rows of a decoder's state (beams, forks).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -74,21 +76,72 @@ class GenerationOutput:
     text: list[str] | None = None  # per row, cut before any stop string (when ``decode`` is given)
 
 
+class StopMatcher:
+    """Aho–Corasick automaton over stop strings: text is scanned once, O(characters + stop lengths).
+
+    The ``depth`` of a state is the length of the longest suffix of the text scanned so far that is
+    a prefix of some stop string: the text a stream must hold back.
+    """
+
+    def __init__(self, stop_strings: Iterable[str] = ()):
+        self.stops = list(dict.fromkeys(s for s in stop_strings if s))
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth, self.fail, self.match = [0], [0], [0]  # match: longest stop ending at the state
+        for s in self.stops:
+            node = 0
+            for ch in s:
+                if ch not in self.goto[node]:
+                    self.goto[node][ch] = len(self.goto)
+                    self.goto.append({}), self.depth.append(self.depth[node] + 1)
+                    self.fail.append(0), self.match.append(0)
+                node = self.goto[node][ch]
+            self.match[node] = len(s)
+        queue = deque(self.goto[0].values())
+        while queue:  # breadth first: fail links point to shallower states, already done
+            node = queue.popleft()
+            self.match[node] = self.match[node] or self.match[self.fail[node]]
+            for ch, child in self.goto[node].items():
+                self.fail[child] = self.step(self.fail[node], ch) if node else 0
+                queue.append(child)
+        self.longest = max(map(len, self.stops), default=0)
+
+    def step(self, state: int, ch: str) -> int:
+        while state and ch not in self.goto[state]:
+            state = self.fail[state]
+        return self.goto[state].get(ch, 0)
+
+    def scan(self, text: str, state: int = 0, offset: int = 0) -> tuple[int, int | None]:
+        """Feed ``text`` (at position ``offset`` of the whole) from ``state`` -> (the new state, where
+        the earliest-starting stop string that ends inside ``text`` begins, or None)."""
+        first = None
+        for i, ch in enumerate(text):
+            state = self.step(state, ch)
+            if self.match[state]:
+                start = offset + i + 1 - self.match[state]
+                first = start if first is None else min(first, start)
+        return state, first
+
+
 class TextStream:
     """Incremental detokenizer: ``push(id)`` returns the new text that is safe to show.
 
     Text that could still become a stop string is held back, as are incomplete characters
     (byte-level tokens that split a UTF-8 sequence). ``text`` is everything up to the first stop
-    string; ``stopped`` tells whether one was found.
+    string; ``stopped`` tells whether one was found. Each character is scanned once
+    (:class:`StopMatcher`), so the cost is linear in the text whatever the stop strings.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Iterable[str] = ()):
+    MAX_PARTIAL = 8  # tokens an incomplete character may span before it is shown as U+FFFD
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Iterable[str] | StopMatcher = ()):
         self.decode = decode
-        self.stop_strings = [s for s in stop_strings if s]
+        self.matcher = stop_strings if isinstance(stop_strings, StopMatcher) else StopMatcher(stop_strings)
+        self.stop_strings = self.matcher.stops
         self.ids: list[int] = []
         self._prefix, self._read = 0, 0  # decode window: ids[_prefix:_read] already turned into text
         self._raw = ""  # all decoded text
         self._shown = 0  # characters of _raw handed out
+        self._state, self._scanned = 0, 0  # matcher state after _raw[:_scanned]
         self._stop_at = 0  # where the first stop string begins, once found
         self.stopped = False
 
@@ -102,7 +155,8 @@ class TextStream:
         self.ids.append(int(token_id))
         before = self.decode(self.ids[self._prefix:self._read])
         after = self.decode(self.ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        partial = after.endswith("\ufffd") and len(self.ids) - self._read < self.MAX_PARTIAL
+        if len(after) > len(before) and not partial:
             self._raw += after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
@@ -117,21 +171,14 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         raw = self._raw
-        if self.stop_strings and not self.stopped:
-            longest = max(map(len, self.stop_strings))
-            start = max(0, self._shown - longest)
-            hits = [i for i in (raw.find(s, start) for s in self.stop_strings) if i >= 0]
-            if hits:
-                self.stopped, self._stop_at = True, min(hits)
-                out, self._shown = raw[self._shown:self._stop_at], max(self._shown, self._stop_at)
-                return out
         safe = len(raw)
-        if not final and not self.stopped:
-            for s in self.stop_strings:  # hold back a tail that may be the start of a stop string
-                for n in range(min(len(s) - 1, len(raw)), 0, -1):
-                    if raw.endswith(s[:n]):
-                        safe = min(safe, len(raw) - n)
-                        break
+        if self.matcher.stops and not self.stopped:
+            self._state, first = self.matcher.scan(raw[self._scanned:], self._state, self._scanned)
+            self._scanned = len(raw)
+            if first is not None:
+                self.stopped, self._stop_at = True, first
+            elif not final:  # hold back a tail that may be the start of a stop string
+                safe -= self.matcher.depth[self._state]
         limit = self._stop_at if self.stopped else safe
         out = raw[self._shown:limit] if limit > self._shown else ""
         self._shown = max(self._shown, limit)
@@ -251,7 +298,8 @@ def _sample(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, decode,
         generator = torch.Generator(device=prompt_ids.device).manual_seed(cfg.seed)
     logits = _first_logits(model, decoder, prompt_ids)
     b = logits.shape[0]
-    streams = [TextStream(decode, cfg.stop_strings) for _ in range(b)] if decode is not None else None
+    matcher = StopMatcher(cfg.stop_strings)
+    streams = [TextStream(decode, matcher) for _ in range(b)] if decode is not None else None
     reasons: list[str | None] = [None] * b
     filler = min(cfg.eos_ids) if cfg.eos_ids else None
     history, out = prompt_ids.to(model.device), []
@@ -300,7 +348,8 @@ def _beam_search(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, de
     seqs = torch.zeros(nb, 0, dtype=torch.long, device=dev)
     prompt = prompt_ids.to(dev).expand(nb, -1)
     finished: list[tuple[float, list[int], str]] = []
-    longest = max(map(len, cfg.stop_strings), default=0)
+    matcher = StopMatcher(cfg.stop_strings)  # built once, shared by every candidate
+    longest = matcher.longest
     cancelled = False
 
     def norm(score: float, length: int) -> float:
@@ -323,13 +372,9 @@ def _beam_search(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, de
             if tok in cfg.eos_ids:
                 finished.append((norm(s, len(seq)), seq, "eos"))
                 continue
-            if decode is not None and longest:
-                stream = TextStream(decode, cfg.stop_strings)
-                for t in seq[-(longest + 2):]:
-                    stream.push(t)
-                if stream.stopped:
-                    finished.append((norm(s, len(seq)), seq, "stop"))
-                    continue
+            if decode is not None and longest and matcher.scan(decode(seq[-(longest + 2):]))[1] is not None:
+                finished.append((norm(s, len(seq)), seq, "stop"))
+                continue
             rows.append(row), toks.append(tok), new_scores.append(s)
             if len(rows) == nb:
                 break
@@ -360,7 +405,7 @@ def _beam_search(model, prompt_ids, cfg: GenerationConfig, decoder, on_token, de
             on_token(torch.tensor([t], device=dev))
     text = None
     if decode is not None:
-        stream = TextStream(decode, cfg.stop_strings)
+        stream = TextStream(decode, matcher)
         for t in best[1]:
             if t not in cfg.eos_ids:
                 stream.push(t)
