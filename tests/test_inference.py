@@ -28,14 +28,21 @@ def test_eos_ends_a_row_and_min_new_tokens_holds_it_back():
     model = tiny_hmt("llama")
     prompt = random_ids(2, 10)
     free = generate(model, prompt, GenerationConfig(max_new_tokens=30))
-    eos = int(free.tokens[0, 4])
-    first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in free.tokens]
+    eos = int(free.tokens[0, 4])  # a token row 0 produces: it becomes the EOS id
     out = generate(model, prompt, GenerationConfig(max_new_tokens=30, eos_token_id=eos))
-    assert out.finish_reasons[0] == "eos" and first[0] <= 4
-    if first[1] is None:
-        assert out.tokens.shape[1] == 30 and out.finish_reasons[1] == "length"
+    for row in range(2):
+        hits = (free.tokens[row] == eos).nonzero()
+        if len(hits):  # the row ends at its first EOS, identical up to it, then idles on EOS
+            end = int(hits[0]) + 1
+            assert out.finish_reasons[row] == "eos"
+            assert torch.equal(out.tokens[row, :end], free.tokens[row, :end])
+            assert (out.tokens[row, end:] == eos).all()
+        else:
+            assert out.finish_reasons[row] == "length" and torch.equal(out.tokens[row], free.tokens[row])
+    assert out.tokens.shape[1] == (30 if out.finish_reasons[1] == "length" else
+                                   max(int((free.tokens[r] == eos).nonzero()[0]) + 1 for r in range(2)))
     late = generate(model, prompt[:1], GenerationConfig(max_new_tokens=30, min_new_tokens=20, eos_token_id=eos))
-    assert (late.tokens[0, :20] != eos).all()
+    assert (late.tokens[0, :20] != eos).all() and late.tokens.shape[1] > 20
 
 
 def test_should_stop_cancels_cleanly():
@@ -118,6 +125,37 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert "".join(plain.push(i) for i in "né".encode()) + plain.finish() == "né"
 
 
+def test_stop_matching_agrees_with_a_plain_search():
+    import random
+
+    rng = random.Random(0)
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
+        stream = TextStream(decode, stops)
+        shown = "".join(stream.push(b) for b in text.encode()) + stream.finish()
+        cut = None  # the first prefix of the text that holds a stop string, cut where the earliest begins
+        for end in range(1, len(text) + 1):
+            hits = [i for i in (text[:end].find(s) for s in stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                break
+        assert shown == stream.text == text[:cut] and stream.stopped == (cut is not None), (stops, text)
+
+
+def test_stop_matching_is_linear_in_the_text():
+    """Long stop strings cost a scan of each character once, not every prefix on every token."""
+    import time
+
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    stream = TextStream(decode, [c * 4096 for c in "wxyz"] + ["a" * 3000 + "b"])
+    start = time.perf_counter()
+    shown = "".join(stream.push(ord("a")) for _ in range(3000))
+    assert time.perf_counter() - start < 0.5  # the quadratic scan took seconds here
+    assert shown == "" and stream.finish() == "a" * 3000  # all of it could still become the last stop string
+
+
 def test_session_roundtrip_continues_identically(tmp_path):
     from hiermem.inference.runtime import ChatFormat
     from hiermem.inference.sessions import Session
@@ -187,8 +225,12 @@ def test_store_lru_ttl_and_persistence(tmp_path):
     time.sleep(0.1)
     store.expire()
     assert not store.sessions and not list(tmp_path.glob("*.safetensors"))
-    with pytest.raises(ConfigError):
-        store.checkout("../escape")
+    for bad in ("../escape", "abc\n", "a/b/c", "UPPER/x", ""):  # fullmatch: a trailing newline is no id
+        with pytest.raises(ConfigError):
+            store.checkout(bad)
+    store.checkin(store.checkout("ns1/x"))
+    store.close()
+    assert (tmp_path / "ns1" / "x.safetensors").exists() and store.ids("ns1") == ["x"] and store.ids("ns2") == []
 
 
 def test_store_over_its_byte_budget_drops_kv_caches_before_sessions():
@@ -206,3 +248,32 @@ def test_store_over_its_byte_budget_drops_kv_caches_before_sessions():
     assert s.stats()["tokens"] == seen and s.nbytes <= store.max_bytes  # the segment waits to be re-read
     again = store.checkout("a").complete(tok, " and more", cfg)
     assert s.pending is None and s.stats()["tokens"] == seen + again.prompt_tokens + again.completion_tokens
+
+
+def test_history_is_capped_and_counted_in_the_session_bytes(tmp_path):
+    from hiermem.inference.runtime import ChatFormat
+    from hiermem.inference.sessions import Session, SessionStore
+
+    model, tok = tiny_hmt("llama"), tiny_tokenizer()
+    fmt, cfg = ChatFormat(tok), GenerationConfig(max_new_tokens=3)
+    s = Session(model, history_turns=3, history_bytes=1000)
+    for i in range(6):
+        s.chat(tok, fmt, [{"role": "user", "content": f"message {i}"}], cfg)
+    assert s.stats()["turns"] == 6 and s.stats()["history_turns"] == 3 and len(s.history) == 6
+    assert s.history[0]["content"] == "message 3"
+    assert s.nbytes == state_nbytes(s.decoder) + s.text_bytes and s.text_bytes > 0
+    big = s.chat(tok, fmt, [{"role": "user", "content": "y" * 1500}], cfg)  # one turn over the byte cap
+    assert big.prompt_tokens > 1500 and s.history == [] and s.text_bytes == 0
+    s.save(tmp_path / "s.safetensors")
+    assert Session.load(tmp_path / "s.safetensors", model).stats()["turns"] == 7
+    # the store's byte budget counts the chat text: without a's text everything would fit
+    store = SessionStore(model, directory=tmp_path)
+    held = []
+    for sid, text in (("a", "z" * 2000), ("b", "hi")):
+        held.append(store.checkout(sid))
+        held[-1].chat(tok, fmt, [{"role": "user", "content": text}], cfg)
+        held[-1].compact()
+    store.checkin(held[0])
+    store.max_bytes = sum(h.nbytes for h in held) - held[0].text_bytes // 2
+    store.checkin(held[1])
+    assert list(store.sessions) == ["b"] and (tmp_path / "a.safetensors").exists()
