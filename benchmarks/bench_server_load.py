@@ -108,7 +108,7 @@ def main() -> None:
         deadline = time.monotonic() + 300
         while True:
             try:
-                health = httpx.get(base + "/health").json()
+                health = httpx.get(base + "/v1/status").json()  # model and session counts (no key here)
                 break
             except httpx.TransportError:
                 if server.poll() is not None or time.monotonic() > deadline:
@@ -137,7 +137,7 @@ def main() -> None:
         done.set()
         sampler.join()
         rss_after = proc.memory_info().rss
-        health = httpx.get(base + "/health").json()
+        health = httpx.get(base + "/v1/status").json()  # model and session counts (no key here)
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -1,22 +1,26 @@
 """``hiermem serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with per-session memory.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (both stream server-sent
-events with ``"stream": true``), ``GET /v1/models``, ``GET /health``, and ``GET`` / ``DELETE
-/v1/sessions/{id}``.
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/sessions`` (the caller's),
+``GET`` / ``DELETE /v1/sessions/{id}``, ``GET /v1/status`` (load and session counts) and the
+public liveness probe ``GET /health``.
 
 Memory sessions: a request naming a ``session_id`` (a body field, which the ``openai`` client sends
 with ``extra_body``, or the ``X-Session-Id`` header) continues that session's memory; chat requests
-may resend the whole conversation or only the new messages. Requests of one session run one at a
-time; different sessions run concurrently on ``max_concurrency`` worker threads (torch releases
-the GIL), with at most ``max_queue`` requests waiting: beyond that the answer is 429, and a request
-that waits longer than ``queue_timeout_s`` gets 503. Responses carry the session's memory
-statistics under ``"hiermem"``.
+may resend the whole conversation or only the new messages. Sessions belong to the API key that
+made them (:mod:`hiermem.inference.tenants`). Requests of one session run one at a time; different
+sessions run concurrently on ``max_concurrency`` worker threads (torch releases the GIL), with at
+most ``max_queue`` requests waiting: beyond that the answer is 429, and a request that waits longer
+than ``queue_timeout_s`` gets 503. Parsing, tokenising and session disk I/O run on helper threads,
+never on the event loop. Limits: :mod:`hiermem.inference.limits`. Responses carry the session's
+memory statistics under ``"hiermem"``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -36,45 +40,31 @@ from starlette.exceptions import HTTPException
 from hiermem.errors import ConfigError, HiermemError
 from hiermem.inference import openai_api as api
 from hiermem.inference.generate import GenerationConfig
+from hiermem.inference.limits import PromptCounter, ServerSettings, check_tokens, stop_strings
 from hiermem.inference.runtime import ChatFormat, eos_token_ids
-from hiermem.inference.sessions import Session, SessionLimitError, SessionStore
+from hiermem.inference.sessions import Session, SessionBusyError, SessionLimitError, SessionStore
+from hiermem.inference.tenants import AuthError, KeyRing, Tenant
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+MODEL_ALIAS = "hiermem"  # always accepted as the model name, besides the served model's own
 
 
-@dataclass
-class ServerSettings:
-    """Limits and policies of the server (all enforced per process)."""
-
-    model_name: str = "hiermem"
-    api_key: str | None = None
-    max_sessions: int = 64
-    session_ttl_s: float = 3600.0
-    session_memory_bytes: int = 1 << 30
-    session_dir: str | None = None
-    max_concurrency: int = 2
-    max_queue: int = 16
-    queue_timeout_s: float = 30.0
-    max_tokens_limit: int = 2048
-    max_prompt_tokens: int = 32768
-    max_body_bytes: int = 4 << 20
-    default_chat_tokens: int = 256
-
-    def __post_init__(self):
-        for name in ("max_concurrency", "max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0 or self.queue_timeout_s <= 0:
-            raise ConfigError("max_queue must be >= 0 and queue_timeout_s > 0")
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(eq=False)
 class _Job:
     session: Session
+    key: str | None  # the store key when the session is kept, else None
     cancel: threading.Event
-    release: object  # () -> None, called once the worker is done
+    checked_in: bool = False
 
 
 class HiermemServer:
@@ -82,36 +72,45 @@ class HiermemServer:
 
     def __init__(self, model, tokenizer, settings: ServerSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.keys = KeyRing.load(settings.api_key, settings.api_keys_file)
         self.format = ChatFormat(tokenizer)
         self.eos = eos_token_ids(model, tokenizer)
+        self.limits = {"history_turns": settings.history_turns, "history_bytes": settings.history_bytes}
         self.store = SessionStore(model, settings.max_sessions, settings.session_ttl_s,
-                                  settings.session_memory_bytes, settings.session_dir)
+                                  settings.session_memory_bytes, settings.session_dir, **self.limits)
+        self.counter = PromptCounter(tokenizer, settings.max_prompt_tokens)
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="hiermem-gen")
+        self.io = ThreadPoolExecutor(max(2, settings.max_concurrency), thread_name_prefix="hiermem-io")
         self.slots: asyncio.Semaphore | None = None
         self.jobs: set[_Job] = set()
-        self.waiting = 0
+        self.waiting = 0  # requests admitted but not yet running (reading, parsing, queued)
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None  # set at startup
 
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on a helper thread (CPU work, disk I/O): the event loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, functools.partial(fn, *args))
+
     # --- admission ----------------------------------------------------------------------------
-    async def admit(self, session_id: str | None) -> _Job:
-        """Reserve the session and a worker, or answer 429 (queue full) / 503 (waited too long)."""
+    def enter(self) -> None:
+        """Count a new request in, or answer 503 (shutting down) / 429 (too many in flight)."""
         s = self.settings
         if self.closing:
             raise api.ApiError(503, "the server is shutting down; retry on another instance", "server_error",
                                code="shutting_down")
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(s.max_concurrency)
         if self.waiting + len(self.jobs) >= s.max_concurrency + s.max_queue:
             raise api.ApiError(429, f"too many requests in flight ({s.max_concurrency} running, {s.max_queue} "
                                "waiting); retry later", "rate_limit_error", code="rate_limit_exceeded")
         self.waiting += 1
-        session = None
+
+    async def admit(self, key: str | None) -> _Job:
+        """Reserve the session and a worker (the caller counts as waiting), or answer 503 when
+        none became free in time."""
+        s = self.settings
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(s.max_concurrency)
+        session = await self._checkout(key)
         try:
-            try:
-                session = self.store.checkout(session_id) if session_id else Session(self.model)
-            except SessionLimitError as exc:
-                raise api.ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from exc
             loop = asyncio.get_running_loop()
             deadline = loop.time() + s.queue_timeout_s
             await asyncio.wait_for(session.lock.acquire(), s.queue_timeout_s)
@@ -121,42 +120,59 @@ class HiermemServer:
                 session.lock.release()
                 raise
         except asyncio.TimeoutError:
-            self._checkin(session_id, session)
+            self._unpin(key, session)
             raise api.ApiError(503, f"server busy: no worker became free within {s.queue_timeout_s:g} s; retry later",
                                "server_error", code="server_overloaded") from None
         except BaseException:
-            self._checkin(session_id, session)
+            self._unpin(key, session)
             raise
-        finally:
-            self.waiting -= 1
-        job = _Job(session, threading.Event(), None)
-
-        def release():
-            self.jobs.discard(job)
-            self.slots.release()
-            session.lock.release()
-            self._checkin(session_id, session)
-
-        job.release = release
+        job = _Job(session, key, threading.Event())
         self.jobs.add(job)
         return job
 
-    def _checkin(self, session_id, session) -> None:
-        if session_id and session is not None:
+    async def _checkout(self, key: str | None) -> Session:
+        if key is None:
+            return await self.off_loop(functools.partial(Session, self.model, **self.limits))
+        future = asyncio.get_running_loop().run_in_executor(self.io, self.store.checkout, key)
+        try:
+            return await asyncio.shield(future)
+        except SessionLimitError as exc:
+            raise api.ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from exc
+        except asyncio.CancelledError:  # the client left while the session was being restored
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or self._unpin(key, f.result()))
+            raise
+
+    def _unpin(self, key: str | None, session: Session) -> None:
+        if key is not None:
+            self.io.submit(self._checkin, session)
+
+    def _checkin(self, session: Session) -> None:
+        try:
             self.store.checkin(session)
+        except Exception:  # e.g. the disk is full: the session stays held, the reply still goes out
+            log.exception("could not check session %s in", session.id)
 
     def run(self, job: _Job, work, on_text=None) -> asyncio.Future:
         """Run ``work(session, should_stop, on_text)`` on a worker; the job is released when it ends."""
         loop = asyncio.get_running_loop()
 
         def call():
-            reply = work(job.session, job.cancel.is_set, on_text)
-            return reply, job.session.stats()
+            try:
+                reply = work(job.session, job.cancel.is_set, on_text)
+                return reply, job.session.stats()
+            finally:
+                if job.key is not None:  # on the worker: the store may write evicted sessions to disk
+                    self._checkin(job.session)
+                    job.checked_in = True
 
         future = loop.run_in_executor(self.pool, call)
 
         def done(f):
-            job.release()
+            self.jobs.discard(job)
+            self.slots.release()
+            job.session.lock.release()
+            if not job.checked_in:  # never ran
+                self._unpin(job.key, job.session)
             if not f.cancelled():
                 f.exception()  # retrieved here; the handler reports it
 
@@ -167,22 +183,17 @@ class HiermemServer:
     def config(self, req: api.Sampling, max_tokens: int | None, default_tokens: int,
                extra_stops: list[str]) -> GenerationConfig:
         s = self.settings
-        if req.model != s.model_name:
-            raise api.ApiError(404, f"the model {req.model!r} does not exist; this server serves {s.model_name!r}",
-                               param="model", code="model_not_found")
+        if req.model not in (s.model_name, MODEL_ALIAS):
+            raise api.ApiError(404, f"the model {api.shown(req.model)} does not exist; this server serves "
+                               f"{s.model_name!r}", param="model", code="model_not_found")
         unsupported = {"n": req.n != 1, "logprobs": bool(req.logprobs), "frequency_penalty": req.frequency_penalty != 0,
                        "presence_penalty": req.presence_penalty != 0}
         for name, bad in unsupported.items():
             if bad:
                 hint = "; use repetition_penalty" if name.endswith("penalty") else ""
                 raise api.ApiError(400, f"{name} is not supported by this server{hint}", param=name)
-        tokens = max_tokens if max_tokens is not None else min(default_tokens, s.max_tokens_limit)
-        if tokens > s.max_tokens_limit:
-            raise api.ApiError(400, f"max_tokens is {tokens}, above this server's limit of {s.max_tokens_limit}",
-                               param="max_tokens")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or any(not x for x in stops):
-            raise api.ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
+        tokens = check_tokens(max_tokens, default_tokens, req.num_beams, s)
+        stops = stop_strings(req.stop, s)
         if req.num_beams > 1 and req.temperature > 0 and req.temperature != 1.0:
             raise api.ApiError(400, "beam search is deterministic: use num_beams with temperature 0 or 1",
                                param="num_beams")
@@ -196,30 +207,18 @@ class HiermemServer:
         except ConfigError as exc:
             raise api.ApiError(400, str(exc)) from exc
 
-    def check_prompt(self, text: str) -> None:
-        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n > self.settings.max_prompt_tokens:
-            raise api.ApiError(400, f"the prompt has {n} tokens, above this server's limit of "
-                               f"{self.settings.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-        if n == 0:
-            raise api.ApiError(400, "the prompt is empty", param="prompt")
+    def session_key(self, tenant: Tenant, session_id: str | None) -> str | None:
+        if session_id is None:
+            return None
+        try:
+            return SessionStore.key(tenant.namespace, session_id)
+        except ConfigError as exc:
+            raise api.ApiError(400, str(exc), param="session_id") from exc
 
-    async def completion(self, req: api.CompletionRequest, session_id: str | None):
-        if req.echo or req.suffix:
-            raise api.ApiError(400, "echo and suffix are not supported by this server",
-                               param="echo" if req.echo else "suffix")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise api.ApiError(400, "send one prompt per request (requests run concurrently)", param="prompt")
-        cfg = self.config(req, req.max_tokens, 16, [])
-        self.check_prompt(prompts[0])
-
-        def work(session, should_stop, on_text):
-            return session.complete(self.tokenizer, prompts[0], cfg, on_text, should_stop)
-
-        return await self.respond(req, session_id, work, chat=False)
-
-    async def chat(self, req: api.ChatRequest, session_id: str | None):
+    def _chat_messages(self, req: api.ChatRequest) -> list[dict]:
+        if len(req.messages) > self.settings.max_messages:
+            raise api.ApiError(400, f"the request has {len(req.messages)} messages; this server takes at most "
+                               f"{self.settings.max_messages}", param="messages")
         messages = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, str):
@@ -229,22 +228,51 @@ class HiermemServer:
             else:
                 raise api.ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
             messages.append({"role": m.role, "content": content})
-        cfg = self.config(req, req.max_completion_tokens or req.max_tokens, self.settings.default_chat_tokens,
-                          self.format.stop_strings)
-        self.check_prompt(self.format.render(messages, add_generation_prompt=True))
+        return messages
 
-        def work(session, should_stop, on_text):
-            return session.chat(self.tokenizer, self.format, messages, cfg, on_text, should_stop)
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return self.format.render(messages, add_generation_prompt=True)
+        except ConfigError as exc:
+            raise api.ApiError(400, str(exc), param="messages") from exc
 
-        return await self.respond(req, session_id, work, chat=True)
+    async def handle(self, request: Request, tenant: Tenant, chat: bool):
+        """One completion or chat request, from the raw body to the response."""
+        s = self.settings
+        self.enter()
+        try:
+            raw = await api.read_body(request, s.max_body_bytes, s.body_timeout_s)
+            req = await self.off_loop(api.parse, raw, api.ChatRequest if chat else api.CompletionRequest,
+                                      s.max_json_values)
+            session_id = req.session_id or request.headers.get("x-session-id")
+            key = self.session_key(tenant, session_id)
+            if chat:
+                messages = self._chat_messages(req)
+                cfg = self.config(req, req.max_completion_tokens or req.max_tokens, s.default_chat_tokens,
+                                  self.format.stop_strings)
+                await self.off_loop(lambda: self.counter.check(self._render(messages)))
 
-    async def respond(self, req: api.Sampling, session_id: str | None, work, chat: bool):
-        if session_id is not None:
-            try:
-                SessionStore.check_id(session_id)
-            except ConfigError as exc:
-                raise api.ApiError(400, str(exc), param="session_id") from exc
-        job = await self.admit(session_id)
+                def work(session, should_stop, on_text):
+                    return session.chat(self.tokenizer, self.format, messages, cfg, on_text, should_stop)
+            else:
+                if req.echo or req.suffix:
+                    raise api.ApiError(400, "echo and suffix are not supported by this server",
+                                       param="echo" if req.echo else "suffix")
+                prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+                if len(prompts) != 1:
+                    raise api.ApiError(400, "send one prompt per request (requests run concurrently)",
+                                       param="prompt")
+                cfg = self.config(req, req.max_tokens, 16, [])
+                await self.off_loop(self.counter.check, prompts[0])
+
+                def work(session, should_stop, on_text):
+                    return session.complete(self.tokenizer, prompts[0], cfg, on_text, should_stop)
+            job = await self.admit(key)
+        finally:
+            self.waiting -= 1
+        return await self.respond(req, session_id, job, work, chat)
+
+    async def respond(self, req: api.Sampling, session_id: str | None, job: _Job, work, chat: bool):
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": self.settings.model_name}
         if not req.stream:
@@ -323,8 +351,10 @@ class HiermemServer:
         self.closing = True
         for job in list(self.jobs):
             job.cancel.set()
-        await asyncio.get_running_loop().run_in_executor(None, self.pool.shutdown, True)
-        self.store.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.pool.shutdown, True)
+        await loop.run_in_executor(None, self.io.shutdown, True)  # pending check-ins finish first
+        await loop.run_in_executor(None, self.store.close)
         log.info("server stopped cleanly")
 
 
@@ -347,16 +377,11 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, **overr
     app = FastAPI(title="hiermem", description="OpenAI-compatible API over a memory model", lifespan=lifespan)
     app.state.hiermem = server
 
-    def auth(request: Request):
-        key = settings.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise api.ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise api.ApiError(401, "incorrect API key provided", code="invalid_api_key")
+    def auth(request: Request) -> Tenant:
+        try:
+            return server.keys.authenticate(request.headers.get("authorization"))
+        except AuthError as exc:
+            raise api.ApiError(401, str(exc), code="invalid_api_key") from None
 
     @app.exception_handler(api.ApiError)
     async def api_error(request, exc: api.ApiError):
@@ -369,7 +394,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, **overr
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
-        return JSONResponse(api.ApiError(400, str(exc.errors()[:1])).body(), status_code=400)
+        return JSONResponse(api.ApiError(400, str(exc.errors()[:1])[:300]).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -379,49 +404,59 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, **overr
 
     @app.get("/health")
     async def health():
-        return {"status": "shutting_down" if server.closing else "ok", "model": settings.model_name,
-                "sessions": len(server.store.sessions), "active": len(server.jobs), "waiting": server.waiting}
+        """Liveness, public: nothing about load or sessions (that is /v1/status, behind the key)."""
+        return {"status": "shutting_down" if server.closing else "ok"}
+
+    @app.get("/v1/status")
+    async def status(tenant: Tenant = Depends(auth)):
+        sessions = await server.off_loop(server.store.ids, tenant.namespace)
+        return {"object": "status", "status": "shutting_down" if server.closing else "ok",
+                "model": settings.model_name, "sessions": len(sessions), "active": len(server.jobs),
+                "waiting": server.waiting, "max_concurrency": settings.max_concurrency,
+                "max_queue": settings.max_queue}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "hiermem"}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(request: Request):
-        req = await api.read_json(request, api.CompletionRequest, settings.max_body_bytes)
-        return await server.completion(req, req.session_id or request.headers.get("x-session-id"))
+    @app.post("/v1/completions")
+    async def completions(request: Request, tenant: Tenant = Depends(auth)):
+        return await server.handle(request, tenant, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat_completions(request: Request):
-        req = await api.read_json(request, api.ChatRequest, settings.max_body_bytes)
-        return await server.chat(req, req.session_id or request.headers.get("x-session-id"))
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, tenant: Tenant = Depends(auth)):
+        return await server.handle(request, tenant, chat=True)
 
-    @app.get("/v1/sessions/{session_id}", dependencies=[Depends(auth)])
-    async def session_stats(session_id: str):
-        session = server.store.get(_valid_id(session_id))
-        if session is None:
-            raise api.ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
-        return {"id": session_id, "object": "session", "memory": session.stats()}
+    @app.get("/v1/sessions")
+    async def session_list(tenant: Tenant = Depends(auth)):
+        ids = await server.off_loop(server.store.ids, tenant.namespace)
+        return {"object": "list", "data": [{"id": sid, "object": "session"} for sid in ids]}
 
-    @app.delete("/v1/sessions/{session_id}", dependencies=[Depends(auth)])
-    async def session_delete(session_id: str):
-        held = server.store.sessions.get(_valid_id(session_id))
-        if held is not None and held.pins:
+    def not_found(session_id: str) -> api.ApiError:  # the same answer whoever owns the id
+        return api.ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session_stats(session_id: str, tenant: Tenant = Depends(auth)):
+        key = server.session_key(tenant, session_id)
+        stats = await server.off_loop(lambda: (s := server.store.get(key)) and s.stats())
+        if not stats:
+            raise not_found(session_id)
+        return {"id": session_id, "object": "session", "memory": stats}
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def session_delete(session_id: str, tenant: Tenant = Depends(auth)):
+        key = server.session_key(tenant, session_id)
+        try:
+            found = await server.off_loop(server.store.delete, key)
+        except SessionBusyError:
             raise api.ApiError(409, f"session {session_id!r} is in use; retry when its request is done",
-                               param="session_id", code="session_busy")
-        if not server.store.delete(session_id):
-            raise api.ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+                               param="session_id", code="session_busy") from None
+        if not found:
+            raise not_found(session_id)
         return {"id": session_id, "object": "session", "deleted": True}
 
     return app
-
-
-def _valid_id(session_id: str) -> str:
-    try:
-        return SessionStore.check_id(session_id)
-    except ConfigError as exc:
-        raise api.ApiError(400, str(exc), param="session_id") from exc
 
 
 @contextmanager
@@ -455,33 +490,46 @@ class _Server(uvicorn.Server):
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_sessions: int = 64, session_ttl: float = 3600.0,
-          session_memory_mb: int = 1024, session_dir: str | None = None, max_concurrency: int = 2,
-          max_queue: int = 16, queue_timeout: float = 30.0, max_tokens_limit: int = 2048,
-          max_prompt_tokens: int = 32768, shutdown_grace: float = 10.0, threads: int | None = None,
+          api_keys_file: str | None = None, insecure: bool = False, model_name: str | None = None,
+          max_sessions: int = 64, session_ttl: float = 3600.0, session_memory_mb: int = 1024,
+          session_dir: str | None = None, history_turns: int = 64, history_kb: int = 256, max_concurrency: int = 2,
+          max_queue: int = 16, queue_timeout: float = 30.0, max_body_kb: int = 4096, max_messages: int = 1024,
+          max_prompt_tokens: int = 32768, max_tokens_limit: int = 2048, max_stops: int = 4,
+          max_stop_chars: int = 256, max_beams: int = 4, shutdown_grace: float = 10.0, threads: int | None = None,
           device: str | None = None, dtype: str | None = None) -> int:
     """Serve a memory model over an OpenAI-compatible HTTP API with per-session memory.
 
     POST /v1/completions and /v1/chat/completions (streaming with "stream": true), GET /v1/models,
-    GET /health. Pass "session_id" in the body (or the X-Session-Id header) to keep a memory between
-    requests. Binds 127.0.0.1 unless told otherwise; set --api-key or HIERMEM_API_KEY to require
-    'Authorization: Bearer <key>'. SIGINT/SIGTERM stop it gracefully.
+    GET/DELETE /v1/sessions[/ID], GET /v1/status, and the public liveness probe GET /health. Pass
+    "session_id" in the body (or the X-Session-Id header) to keep a memory between requests;
+    sessions belong to the API key that made them. Binds 127.0.0.1; any other address needs an
+    API key (--api-key, HIERMEM_API_KEY or --api-keys-file) or --insecure. Requests beyond a limit
+    get an OpenAI-style 4xx. SIGINT/SIGTERM stop it gracefully.
 
     Args:
         model: checkpoint folder, quantized folder or released weights name (default: bundled default)
-        host: address to bind (0.0.0.0 exposes the server to the network)
+        host: address to bind (0.0.0.0 exposes the server to the network: needs a key or --insecure)
         port: TCP port
         api_key: required bearer token (default: $HIERMEM_API_KEY; none: no auth)
-        model_name: model id clients pass (default: the folder name, or "hiermem")
+        api_keys_file: file of accepted keys, one per line as KEY or NAME KEY; each key has its own sessions
+        insecure: allow a non-loopback address without any API key
+        model_name: model id clients pass (default: the folder name, or "hiermem"; "hiermem" always works)
         max_sessions: memory sessions kept at once (least recently used ones are evicted)
         session_ttl: seconds an idle session is kept
-        session_memory_mb: memory all sessions' states may hold together
-        session_dir: folder to persist sessions to (evicted ones, and all at shutdown)
+        session_memory_mb: memory all sessions' states and chat histories may hold together
+        session_dir: folder to persist sessions to (evicted ones, and all at shutdown; one subfolder per key)
+        history_turns: chat turns a session keeps as text (older ones live on only in its memory)
+        history_kb: chat text a session keeps, in KiB
         max_concurrency: requests generating at once (worker threads)
         max_queue: requests waiting beyond those (more get HTTP 429)
         queue_timeout: seconds a request may wait for a worker (then HTTP 503)
-        max_tokens_limit: largest max_tokens a request may ask for
+        max_body_kb: largest request body in KiB (HTTP 413 beyond)
+        max_messages: most chat messages in one request
         max_prompt_tokens: longest prompt in tokens
+        max_tokens_limit: largest max_tokens a request may ask for
+        max_stops: most stop strings in one request
+        max_stop_chars: longest stop string in characters
+        max_beams: largest num_beams a request may ask for
         shutdown_grace: seconds in-flight requests get to finish at shutdown before they are cancelled
         threads: torch CPU threads (default: CPU cores / max_concurrency, so workers do not oversubscribe)
         device: cpu, cuda or auto
@@ -493,21 +541,27 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
 
     check_port(host, port)  # a busy port fails now, not once the model has loaded
     api_key = api_key or os.environ.get("HIERMEM_API_KEY") or None
-    if host not in LOOPBACK and not api_key:
-        log.warning("serving on %s without an API key: anyone who can reach it can use it "
-                    "(set --api-key or HIERMEM_API_KEY)", host)
+    keys = KeyRing.load(api_key, api_keys_file)  # a bad keys file fails here, before the model loads
+    if not is_loopback(host) and not keys.enabled:
+        if not insecure:
+            raise ConfigError(f"refusing to serve on {host} without an API key: anyone who can reach it could use "
+                              "it. Set --api-key, HIERMEM_API_KEY or --api-keys-file (or pass --insecure)")
+        log.warning("serving on %s without an API key (--insecure): anyone who can reach it can use it", host)
     folder = model_folder(model)
-    settings = ServerSettings(model_name=model_name or (folder.name if folder else "hiermem"), api_key=api_key,
-                              max_sessions=max_sessions, session_ttl_s=session_ttl,
+    settings = ServerSettings(model_name=model_name or (folder.name if folder else MODEL_ALIAS), api_key=api_key,
+                              api_keys_file=api_keys_file, max_sessions=max_sessions, session_ttl_s=session_ttl,
                               session_memory_bytes=session_memory_mb << 20, session_dir=session_dir,
+                              history_turns=history_turns, history_bytes=history_kb << 10,
                               max_concurrency=max_concurrency, max_queue=max_queue, queue_timeout_s=queue_timeout,
-                              max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens)
+                              max_body_bytes=max_body_kb << 10, max_messages=max_messages,
+                              max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                              max_stops=max_stops, max_stop_chars=max_stop_chars, max_beams=max_beams)
     import torch
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max_concurrency))
     hmt, tokenizer = load_for_inference(model, device=device, dtype=dtype)
     app = create_app(hmt, tokenizer, settings)
-    log.info("serving %r on http://%s:%d (auth %s)", settings.model_name, host, port, "on" if api_key else "off")
+    log.info("serving %r on http://%s:%d (%d API key(s))", settings.model_name, host, port, len(keys.tenants))
     _Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace,
                            log_level="info")).run()
     return 0
