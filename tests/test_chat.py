@@ -56,10 +56,13 @@ def test_commands_reset_save_and_unknown(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_interrupts_a_reply_and_keeps_the_session(tmp_path):
     folder = tiny_model_folder(tmp_path)
     session = tmp_path / "s.safetensors"
+    # the child gets the default SIGINT disposition whatever this run inherited (`nohup make test &`
+    # starts it with SIGINT ignored, and an ignored SIGINT would never reach the child's Python)
     proc = subprocess.Popen([sys.executable, "-m", "hiermem.cli", "chat", "--model", str(folder), "--session",
                              str(session), "--max-new-tokens", "200000", "--no-sample"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("tell me a very long story\n")
         proc.stdin.flush()

@@ -49,3 +49,20 @@ def test_recall_is_convex_combination_of_bank():
     assert out.shape == (3, 1, 8) and weights.shape == (3, 5)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
     torch.testing.assert_close(out, (weights[:, None] @ bank))
+
+
+def test_recall_weights_are_scaled_dot_product_attention():
+    """weights = softmax((S Wq)(M Wk)^T / sqrt(h)), written out by hand, for every row and slot."""
+    torch.manual_seed(1)
+    d, h = 8, 4
+    recall = CrossAttentionRecall(d, h)
+    summary, bank = torch.randn(3, 1, d, dtype=torch.float64), torch.randn(3, 5, d, dtype=torch.float64)
+    recall = recall.double()
+    wq, wk = recall.query.weight, recall.key.weight  # (h, d)
+    _, weights = recall(summary, bank)
+    for b in range(3):
+        q = wq @ summary[b, 0]  # (h,)
+        scores = torch.stack([q @ (wk @ bank[b, j]) for j in range(5)]) / h ** 0.5
+        expected = scores.exp() / scores.exp().sum()
+        torch.testing.assert_close(weights[b], expected, rtol=1e-6, atol=1e-7)  # softmax runs in float32
+    assert not torch.allclose(weights, torch.full_like(weights, 0.2))  # not uniform: the scores matter

@@ -145,10 +145,11 @@ def test_resume_after_signal_is_bit_exact(tmp_path):
     Trainer(straight, cfg, *loaders(), output_dir=tmp_path / "a").fit()
 
     first = make_model(events={(k - 1) * accum + 1: "sigint"}, lora=LORA)
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `nohup ... &`
     res = Trainer(first, cfg, *loaders(), output_dir=tmp_path / "b").fit()
     assert res.status == "interrupted" and res.step == k and res.signal == signal.SIGINT
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3, 4]  # keep_last=2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler found before the run is back
 
     second = make_model(lora=LORA)
     res = Trainer(second, cfg, *loaders(), output_dir=tmp_path / "b").fit(resume=True)
@@ -231,13 +232,15 @@ def test_checkpoint_and_best_load_as_models(tmp_path):
     files = {p.name for p in res.last_checkpoint.iterdir()}
     assert files == {"config.json", "memory.safetensors", "trainer_state.json", "trainer_state.safetensors",
                      "trainer_rank-00000.safetensors"}
-    for folder in (res.last_checkpoint, res.best_checkpoint):
-        again = HMT.from_pretrained(folder, backbone=tiny_backbone("llama"))
-        ids = random_ids(1, 40)
-        with torch.no_grad():
-            model.eval()
-            if folder == res.last_checkpoint or res.best_step == res.step:
-                assert torch.equal(again(ids).logits, model(ids).logits)
+    ids = random_ids(1, 40)
+    last, best, at_best = (HMT.from_pretrained(folder, backbone=tiny_backbone("llama")) for folder in
+                           (res.last_checkpoint, res.best_checkpoint, dict(list_checkpoints(tmp_path))[res.best_step]))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(last(ids).logits, model(ids).logits)
+        assert torch.equal(best(ids).logits, at_best(ids).logits)  # whichever step was best
+    # and the best weights reproduce the best validation perplexity
+    assert Trainer(best, config(), *loaders()).evaluate()["val_ppl"] == pytest.approx(res.best_metric, rel=1e-6)
 
 
 def test_validation_perplexity_is_exp_of_token_mean():
