@@ -129,16 +129,22 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
                     raise
                 log.warning("training without validation: %s; raise --validation-fraction or add documents",
                             str(exc).split("; ")[0])  # the data layer's hint speaks of split='all'
-    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
-    if cfg.carry_state:
-        make = lambda c: StreamLoader(c, recipe.window, **common)  # noqa: E731
-    else:
-        make = lambda c: WindowLoader(c, recipe.window, straddle=recipe.straddle, **common)  # noqa: E731
-    train = make(corpora["train"])
+    common = dict(seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+
+    def make(corpus, batch_size):
+        if cfg.carry_state:
+            return StreamLoader(corpus, recipe.window, batch_size, **common)
+        return WindowLoader(corpus, recipe.window, batch_size=batch_size, straddle=recipe.straddle, **common)
+
+    train = make(corpora["train"], cfg.batch_size)
     val = None
     if corpora.get("validation") is not None:
+        batch = cfg.batch_size
+        if cfg.carry_state:  # one document per stream row: a small split streams fewer rows side by side
+            usable = int((corpora["validation"].lengths >= recipe.window).sum()) // acc.num_processes
+            batch = max(1, min(batch, usable))
         try:
-            val = make(corpora["validation"])
+            val = make(corpora["validation"], batch)
         except DataError as exc:
             log.warning("no validation (%s)", exc)
     hparams = {"recipe": "scratch", "model_type": recipe.model_type, "source": recipe.source, "data": recipe.data,
