@@ -247,3 +247,14 @@ def test_bptt_window_must_match_n_ctx(tmp_path):
     code = main(["train", "hrmlm", "--config", "hrmlm-cpu", "--set", "n_ctx=64", "--window", "32",
                  "--output-dir", str(tmp_path / "x"), "--steps", "1"])
     assert code != 0 and not (tmp_path / "x" / "final").exists()
+
+
+def test_bf16_autocast_trains_with_a_float32_recurrence():
+    model = tiny(torch.float32).train()
+    x = ids(2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x, return_logits=False)
+    out.loss.backward()
+    assert out.state.high.dtype == torch.float32
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out.loss, model(x, labels=x).loss, rtol=2e-2, atol=2e-2)

@@ -106,6 +106,9 @@ class HRMLM(HiermemModel):
         Returns high states (B, L, H_h) and low states (B, L, H_l) after every token.
         """
         c, lo, hi = self.config, self.low, self.high
+        if torch.is_autocast_enabled(x.device.type):  # the recurrence runs in float32 (its backward is hand-written)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.recur(x.float(), low.float(), high.float())
         x_part = x @ lo.weight_ih[:, :c.n_embd].t()  # (B, L, 3H_l): the embedding part, all tokens at once
         # h_h feeds both the high cell's recurrent product and the low cell's input: one matmul
         w_next = torch.cat([hi.weight_hh, lo.weight_ih[:, c.n_embd:]])  # (3H_h + 3H_l, H_h)
