@@ -225,6 +225,8 @@ def test_train_command_resumes_bit_exactly_and_generates(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
     assert summary["steps"] == 6 and summary["model"]["n_ctx"] == 16 and summary["train_config"]["carry_state"]
+    # one validation document (fewer than the batch's 2 rows): validation streams it alone
+    assert [e["step"] for e in summary["val_history"]] == [3, 6] and "val_bpb" in summary["val_history"][-1]
 
     model = load_model(tmp_path / "b" / "final")
     tok = model.tokenizer
