@@ -85,6 +85,11 @@ register_model(ModelSpec(
     "hrmlm", "hiermem.models.hrmlm:HRMLM",
     description="Hierarchical recurrent memory LM: two GRU levels, N x T cycles per token, trained from scratch",
     default_config="hrmlm-cpu"))
+register_model(ModelSpec(
+    "hierarchos", "hiermem.models.hierarchos:Hierarchos",
+    description="Hierarchos: Titans-style surprise-updated long-term memory + HRM manager/worker (RWKV cells, "
+                "ACT pondering), trained from scratch",
+    default_config="hierarchos-cpu"))
 
 
 def released_weights(name: str = DEFAULT_RELEASE) -> Path | None:
