@@ -539,7 +539,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     from hiermem.inference.runtime import load_for_inference
     from hiermem.models import model_folder
 
-    check_port(host, port)  # a busy port fails now, not once the model has loaded
     api_key = api_key or os.environ.get("HIERMEM_API_KEY") or None
     keys = KeyRing.load(api_key, api_keys_file)  # a bad keys file fails here, before the model loads
     if not is_loopback(host) and not keys.enabled:
@@ -547,6 +546,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
             raise ConfigError(f"refusing to serve on {host} without an API key: anyone who can reach it could use "
                               "it. Set --api-key, HIERMEM_API_KEY or --api-keys-file (or pass --insecure)")
         log.warning("serving on %s without an API key (--insecure): anyone who can reach it can use it", host)
+    check_port(host, port)  # a busy port fails now, not once the model has loaded
     folder = model_folder(model)
     settings = ServerSettings(model_name=model_name or (folder.name if folder else MODEL_ALIAS), api_key=api_key,
                               api_keys_file=api_keys_file, max_sessions=max_sessions, session_ttl_s=session_ttl,
