@@ -90,6 +90,11 @@ register_model(ModelSpec(
     description="Hierarchos: Titans-style surprise-updated long-term memory + HRM manager/worker (RWKV cells, "
                 "ACT pondering), trained from scratch",
     default_config="hierarchos-cpu"))
+register_model(ModelSpec(
+    "hmst", "hiermem.models.hmst:HMST",
+    description="HMST: windowed-attention MoE decoder (top-k SwiGLU experts) with an episodic selective SSM "
+                "memory, trained from scratch",
+    default_config="hmst-micro"))
 
 
 def released_weights(name: str = DEFAULT_RELEASE) -> Path | None:
