@@ -260,3 +260,21 @@ def test_bf16_autocast_trains_with_a_float32_recurrence():
     assert out.state.high.dtype == torch.float32
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(out.loss, model(x, labels=x).loss, rtol=2e-2, atol=2e-2)
+
+
+def test_the_seed_projects_config_keys_are_read(tmp_path):
+    from hiermem.configs import read_config
+    from hiermem.training.cli import train_model
+
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("model:\n  n_embd: 64\n  T: 3\n  N: 2\ntokenizer:\n  model_type: unigram\n  vocab_size: 1000\n"
+                    "dataset:\n  sequence_length: 64\n  batch_size: 4\ntraining:\n  learning_rate: 3.0e-4\n"
+                    "  warmup_steps: 10\n  max_steps: 50\n  grad_clip: 0.5\n  lr_scheduler: linear\n"
+                    "  gradient_accumulation_steps: 2\ncheckpoint:\n  save_dir: runs/seed\n  keep_last: 3\n")
+    cfg = read_config(train_model, str(seed))
+    assert cfg == {"model_options": {"n_embd": 64, "T": 3, "N": 2}, "tokenizer_type": "unigram", "vocab_size": 1000,
+                   "window": 64, "batch_size": 4, "lr": 3e-4, "warmup": 10, "steps": 50, "clip": 0.5,
+                   "schedule": "linear", "grad_accum": 2, "output_dir": "runs/seed", "keep_last": 3}
+    seed.write_text("dataset:\n  num_workers: 4\n")
+    with pytest.raises(ConfigError, match="dataset.num_workers"):
+        read_config(train_model, str(seed))

@@ -369,7 +369,16 @@ def _match_bptt_window(model_type: str, options: dict, window: int) -> None:
 # the YAML sections whose body goes to one dict option instead of being flattened into options
 train_model.config_dict_sections = {"model": "model_options"}
 train_model.config_renames = {"tokenizer.path": "tokenizer", "tokenizer.type": "tokenizer_type",
-                              "tokenizer.vocab_size": "vocab_size"}
+                              "tokenizer.vocab_size": "vocab_size", "tokenizer.model_type": "tokenizer_type",
+                              # the key names of the HRMLM seed project's config files
+                              "training.learning_rate": "lr", "training.warmup_steps": "warmup",
+                              "training.max_steps": "steps", "training.grad_clip": "clip",
+                              "training.lr_scheduler": "schedule", "training.eval_steps": "eval_every",
+                              "training.save_steps": "save_every", "checkpoint.save_every": "save_every",
+                              "training.gradient_accumulation_steps": "grad_accum",
+                              "optimization.gradient_accumulation_steps": "grad_accum",
+                              "dataset.batch_size": "batch_size", "dataset.sequence_length": "window",
+                              "checkpoint.save_dir": "output_dir"}
 
 
 def train_function(model_type: str):
