@@ -23,6 +23,7 @@ Tiny stand-ins (so the whole file runs in about a minute on 2 cores; see ``apply
 
 - the bundled backbone (``smollm2-135m``, any bundled or .gguf name) -> a 2-layer, hidden-32 Llama
   with a character tokenizer and a chat template (``tests/tiny.py``);
+- other released weights (``hrmlm-shakespeare``, 15 MB) run as they are;
 - the released weights (``hmt-smollm2-135m``, the default model) -> an HMT (segments of 16 tokens,
   4 sensory, cache 5) over that backbone;
 - the ``shakespeare`` corpus -> the same plays, each cut to its first ``PLAY_CHARS`` characters;
@@ -172,6 +173,11 @@ def build_stand_ins(root: Path) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     release = assets / "weights" / "hmt-smollm2-135m"
     model.save_pretrained(release)
+    import hiermem.models as models
+
+    for real in (Path(models.__file__).resolve().parent.parent / "weights").iterdir():
+        if real.name != release.name and (real / "config.json").exists():  # small releases run as they are
+            (release.parent / real.name).symlink_to(real, target_is_directory=True)
     shutil.copytree(release, root / "runs" / "hmt" / "final")  # the user's trained checkpoint
     for name, content in FIXTURES.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
