@@ -9,7 +9,9 @@ on a few hundred tokens of text), and the MLP output projections stay in float (
 their inputs hold token-level outliers that one 8-bit activation scale per call cannot resolve.
 On torch 2.13 CPU this path runs a linear layer about 2x faster than fp32, while torchao's
 ``Int8DynamicActivationInt8WeightConfig``, ``Int8WeightOnlyConfig`` and ``aten._weight_int8pack_mm``
-run slower than fp32 in eager mode.
+run slower than fp32 in eager mode (``benchmarks/bench_int8_backends.py``: torchao 0.18 is 2.3x slower
+than torch.ao on a SmolLM2-shaped prefill and 50x slower per decode step), so the deprecated torch.ao
+path stays, its warnings silenced where it is called.
 
 A quantized model folder is self-contained and holds no pickle::
 
