@@ -278,3 +278,11 @@ def test_the_seed_projects_config_keys_are_read(tmp_path):
     seed.write_text("dataset:\n  num_workers: 4\n")
     with pytest.raises(ConfigError, match="dataset.num_workers"):
         read_config(train_model, str(seed))
+
+
+def test_the_state_does_not_keep_the_per_token_states_alive():
+    model = tiny(torch.float32)
+    for batch in (1, 3):
+        out = model(ids(batch, 50))
+        for t in (out.state.low, out.state.high):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -139,8 +139,9 @@ class HRMLM(HiermemModel):
         dtype = self.embedding.weight.dtype
         x = self.drop(self.embedding(input_ids))
         highs, lows = self.recur(x, state.low.to(dtype), state.high.to(dtype))
-        # own storage: a view would keep the (B, L, H) stacks alive as long as the state
-        new_state = HRMLMState(low=lows[:, -1].contiguous(), high=highs[:, -1].contiguous(), tokens=state.tokens + L)
+        # own storage (clone, not contiguous(): with B = 1 that is a view) so the state does not keep
+        # the (B, L, H) stacks alive, and a resumed run reads it from the same kind of buffer
+        new_state = HRMLMState(low=lows[:, -1].clone(), high=highs[:, -1].clone(), tokens=state.tokens + L)
         if return_logits or labels is not None or return_token_nll:
             out = lm_output(self.logits(highs), input_ids, labels, new_state, return_logits, return_token_nll)
             out = HRMLMOutput(**vars(out))
