@@ -202,6 +202,20 @@ class HiermemModel(nn.Module):
     def init_state(self, batch_size: int = 1) -> ModelState:
         raise NotImplementedError
 
+    def checked_state(self, input_ids: torch.Tensor, state: ModelState | None,
+                      labels: torch.Tensor | None = None) -> ModelState:
+        """The state a ``forward`` call starts from (fresh when None), after checking that input_ids
+        is (B, T >= 1), that the state holds B rows and that labels match input_ids; ValueError otherwise."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        B = input_ids.shape[0]
+        state = state if state is not None else self.init_state(B)
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        return state
+
     def decoder(self, state: ModelState | None = None, batch_size: int = 1,
                 last_logits: torch.Tensor | None = None) -> Decoder:
         return self.decoder_class(self, state=state, batch_size=batch_size, last_logits=last_logits)

@@ -220,14 +220,8 @@ class Hierarchos(HiermemModel):
         and token NLL only the last position's logits are made (generation, reading).
         aux: "ponder" (expected manager steps per planning token) and "commitment" (drift hinge).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        state = self.checked_state(input_ids, state, labels)
         B, L = input_ids.shape
-        state = state if state is not None else self.init_state(B)
-        if state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         x = self.drop(self.tok_emb(input_ids))
         if torch.is_autocast_enabled(x.device.type):  # the recurrence runs in the weights' precision
             with torch.autocast(x.device.type, enabled=False):

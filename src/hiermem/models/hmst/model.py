@@ -183,14 +183,8 @@ class HMST(HiermemModel):
         labels (B, T): HF convention (shifted inside, -100 ignored). Without return_logits, labels
         and token NLL only the last position's logits are made (generation, reading).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        state = self.checked_state(input_ids, state, labels)
         B, T = input_ids.shape
-        state = state if state is not None else self.init_state(B)
-        if state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         h = self.embedding(input_ids)
         keys, values, convs, ssms, balance, z = [], [], [], [], [], []
         for i, layer in enumerate(self.layers):

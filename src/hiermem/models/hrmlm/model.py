@@ -94,11 +94,8 @@ class HRMLM(HiermemModel):
 
     def norm_params(self) -> tuple[tuple[torch.Tensor, ...], ...]:
         """Parameters of the (low input, low recurrent, high input, high recurrent) normalisations."""
-        def of(cell, kind):
-            if cell.layer_norm:
-                return getattr(cell, f"norm_{kind}_weight"), getattr(cell, f"norm_{kind}_bias")
-            return (getattr(cell, f"bias_{kind}"),)
-        return of(self.low, "ih"), of(self.low, "hh"), of(self.high, "ih"), of(self.high, "hh")
+        return (self.low.norm_params("ih"), self.low.norm_params("hh"), self.high.norm_params("ih"),
+                self.high.norm_params("hh"))
 
     def recur(self, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
         """Run the recurrence over embeddings x (B, L, E) from states low (B, H_l), high (B, H_h).
@@ -128,14 +125,8 @@ class HRMLM(HiermemModel):
         labels (B, T): HF convention (shifted inside, -100 ignored). Without return_logits,
         labels and token NLL only the last position's logits are made (generation, reading).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        state = self.checked_state(input_ids, state, labels)
         B, L = input_ids.shape
-        state = state if state is not None else self.init_state(B)
-        if state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         dtype = self.embedding.weight.dtype
         x = self.drop(self.embedding(input_ids))
         highs, lows = self.recur(x, state.low.to(dtype), state.high.to(dtype))

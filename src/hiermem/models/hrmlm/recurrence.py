@@ -22,7 +22,7 @@ import torch
 EPS = 1e-5
 
 
-class _Norm:
+class Norm:
     """The per-gate normalisation of one pre-activation kind (a cell's input or recurrent gates):
     layer norm per gate with gain/bias (3H,), or a bias (3H,). Records what its backward needs."""
 
@@ -73,7 +73,7 @@ class _Norm:
         return dgain, dbias
 
 
-def _update(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor):
+def gru_update(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor):
     """GRU update: gates a, b (B, 3H), state h (B, H) -> (new state, rz (B, 2H), n (B, H))."""
     H = h.shape[-1]
     rz = torch.sigmoid(a[:, :2 * H] + b[:, :2 * H])
@@ -82,7 +82,7 @@ def _update(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor):
 
 
 def _update_backward(dh: torch.Tensor, b: torch.Tensor, h: torch.Tensor, rz: torch.Tensor, n: torch.Tensor):
-    """Gradients (da, db, dh_prev) of :func:`_update` from d new state dh (B, H)."""
+    """Gradients (da, db, dh_prev) of :func:`gru_update` from d new state dh (B, H)."""
     H = h.shape[-1]
     r, z = rz[:, :H], rz[:, H:]
     dpre_n = dh * (1 - z) * (1 - n * n)
@@ -98,7 +98,7 @@ def run(x_part, low, high, w_next, w_hh_low, w_ih_high, norms, T: int, N: int, s
     (B, L, H_l), tape) where tape holds what :func:`run_backward` needs when ``save``.
     """
     Hl, Hh = w_hh_low.shape[1], w_next.shape[1]
-    na, nb, nah, nbh = (_Norm(h, p, save) for h, p in zip((Hl, Hl, Hh, Hh), norms))
+    na, nb, nah, nbh = (Norm(h, p, save) for h, p in zip((Hl, Hl, Hh, Hh), norms))
     split = 3 * Hh
     nxt = high @ w_next.t()
     tape = {"low_prev": [], "rz": [], "n": [], "b": [], "high_prev": [], "low_in": [],
@@ -109,13 +109,13 @@ def run(x_part, low, high, w_next, w_hh_low, w_ih_high, norms, T: int, N: int, s
             a = na(x_t + nxt[:, split:])
             for _ in range(T):
                 b = nb(low @ w_hh_low.t())
-                new, rz, n = _update(a, b, low)
+                new, rz, n = gru_update(a, b, low)
                 if save:
                     tape["low_prev"].append(low), tape["rz"].append(rz), tape["n"].append(n)
                     tape["b"].append(None if nb.ln else b)
                 low = new
             b_h = nbh(nxt[:, :split])
-            new, rz, n = _update(nah(low @ w_ih_high.t()), b_h, high)
+            new, rz, n = gru_update(nah(low @ w_ih_high.t()), b_h, high)
             if save:
                 tape["low_in"].append(low), tape["rz_h"].append(rz), tape["n_h"].append(n)
                 tape["b_h"].append(None if nbh.ln else b_h), tape["high_prev"].append(high)
@@ -134,7 +134,6 @@ def run_backward(tape, d_highs, d_lows, w_next, w_hh_low, w_ih_high, T: int, N: 
     """Gradients of :func:`run`'s inputs from d highs (B, L, H_h) and d lows (B, L, H_l)."""
     na, nb, nah, nbh = tape["norms"]
     B, L, Hh = d_highs.shape
-    split = 3 * Hh
     d_low = d_lows.new_zeros(B, w_hh_low.shape[1])
     d_high = d_highs.new_zeros(B, Hh)
     d_nxt = d_highs.new_zeros(B, w_next.shape[0])

@@ -158,14 +158,8 @@ class Transformer(HiermemModel):
         no (B, T, V) tensor is made: NLL is computed pass by pass, and when neither labels nor
         per-token NLL are asked for only the last pass runs (passes do not depend on each other).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+        state = self._fit_state(self.checked_state(input_ids, state, labels))
         B, T = input_ids.shape
-        state = self._fit_state(state if state is not None else self.init_state(B))
-        if state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} rows but input has {B}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         h = state.tail.shape[1]
         seq = torch.cat([state.tail.to(input_ids.device), input_ids], dim=1)
         new_state = TransformerState(tail=_last(seq, self.config.overlap), tokens=state.tokens + T)
