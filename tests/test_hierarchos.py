@@ -16,6 +16,7 @@ from hiermem.inference.generate import GenerationConfig, generate
 from hiermem.models import load_model
 from hiermem.models.hierarchos import Hierarchos, HierarchosConfig, HierarchosState
 from hierarchos_reference import naive_forward
+from scratch_family import resumed_run_equals_straight_run, save_with_byte_tokenizer, session_memories
 
 SMALL = dict(vocab_size=40, context_dim=8, persistent_dim=4, ltm_slots=10, ltm_key_dim=6, ltm_val_dim=5, ltm_topk=3,
              h_hidden=7, l_hidden=9, h_stride=3, max_h_steps=4, max_l_steps=3, ltm_lr=0.5, ltm_forget=0.05,
@@ -239,13 +240,7 @@ def test_bundled_recipe_constructs():
 
 
 def _save(tmp_path, name="m"):
-    from hiermem.tokenizers import train_tokenizer
-
-    tok = train_tokenizer(["to be or not to be, that is the question. " * 40], tmp_path / "tok", type="byte")
-    model = tiny(torch.float32, vocab_size=len(tok))
-    model.tokenizer = tok
-    model.save_pretrained(tmp_path / name)
-    return model, tok
+    return save_with_byte_tokenizer(lambda v: tiny(torch.float32, vocab_size=v), tmp_path, name)
 
 
 def test_save_load_round_trip_state_files_and_corrupt_checkpoints(tmp_path):
@@ -289,32 +284,10 @@ def test_bf16_autocast_trains_with_a_full_precision_recurrence():
 def test_train_command_resumes_bit_exactly_generates_and_serves_a_learning_session(tmp_path):
     """`hiermem train hierarchos` with carried state: 4 steps at once equal 2 steps, then a resumed
     run to 4; the result generates, and a served session's memory (tokens, written slots) grows."""
-    import httpx
-
-    from hiermem.cli import main
-    from hiermem.inference.server import create_app, running
-    from hiermem.io import load_tensors
-    from hiermem.models.base import WEIGHTS_NAME
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(6):
-        (docs / f"play{i}.txt").write_text(f"Act {i}. " + "O Romeo, Romeo, wherefore art thou Romeo? " * 30)
-
-    def train(out, steps):
-        return main(["train", "hierarchos", "--config", "hierarchos-cpu", "--source", str(docs), "--steps", str(steps),
-                     "--set", "context_dim=8", "persistent_dim=4", "ltm_slots=16", "ltm_key_dim=4", "ltm_val_dim=4",
-                     "ltm_topk=2", "h_hidden=8", "l_hidden=8", "max_h_steps=2", "max_l_steps=2",
-                     "--tokenizer-type", "byte", "--window", "12", "--batch-size", "2", "--schedule", "constant",
-                     "--validation-fraction", "0.2", "--test-fraction", "0", "--eval-every", "2", "--eval-batches", "1",
-                     "--save-every", "2", "--output-dir", str(out), "--no-tensorboard", "--no-progress"])
-
-    assert train(tmp_path / "a", 4) == 0
-    assert train(tmp_path / "b", 2) == 0 and train(tmp_path / "b", 4) == 0
-    a, _ = load_tensors(tmp_path / "a" / "final" / WEIGHTS_NAME)
-    b, _ = load_tensors(tmp_path / "b" / "final" / WEIGHTS_NAME)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    summary = resumed_run_equals_straight_run(
+        tmp_path, "hierarchos", "hierarchos-cpu",
+        ["context_dim=8", "persistent_dim=4", "ltm_slots=16", "ltm_key_dim=4", "ltm_val_dim=4", "ltm_topk=2",
+         "h_hidden=8", "l_hidden=8", "max_h_steps=2", "max_l_steps=2"], steps=4, window=12, repeats=30)
     assert summary["steps"] == 4 and summary["model"]["n_ctx"] == 12 and summary["train_config"]["carry_state"]
     assert {"val_ponder", "val_commitment"} <= set(summary["val_history"][-1])
 
@@ -322,15 +295,7 @@ def test_train_command_resumes_bit_exactly_generates_and_serves_a_learning_sessi
     tok = model.tokenizer
     out = generate(model, torch.tensor([tok.encode("O Romeo")]), GenerationConfig(max_new_tokens=5))
     assert out.tokens.shape == (1, 5) and out.decoder.state.tokens == len(tok.encode("O Romeo")) + 5
-    app = create_app(model.eval(), tok, model_name="hierarchos")
-    with running(app) as base:
-        body = {"model": "hierarchos", "prompt": "O Romeo", "max_tokens": 4, "session_id": "s1"}
-        r1 = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
-        assert r1.status_code == 200, r1.text
-        first = httpx.get(f"{base}/v1/sessions/s1", timeout=30).json()["memory"]
-        r2 = httpx.post(f"{base}/v1/completions", json={**body, "prompt": ", wherefore art thou"}, timeout=30)
-        assert r2.status_code == 200, r2.text
-        second = httpx.get(f"{base}/v1/sessions/s1", timeout=30).json()["memory"]
-        assert second["tokens"] > first["tokens"] >= len(tok.encode("O Romeo"))
-        assert second["clock"] == second["tokens"] and second["ltm_slots_written"] >= first["ltm_slots_written"] > 0
-        assert second["ltm_fast_norm"] != first["ltm_fast_norm"]  # the memory learned from the second prompt
+    first, second = session_memories(model, "hierarchos", ["O Romeo", ", wherefore art thou"])
+    assert second["tokens"] > first["tokens"] >= len(tok.encode("O Romeo"))
+    assert second["clock"] == second["tokens"] and second["ltm_slots_written"] >= first["ltm_slots_written"] > 0
+    assert second["ltm_fast_norm"] != first["ltm_fast_norm"]  # the memory learned from the second prompt

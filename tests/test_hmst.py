@@ -17,6 +17,7 @@ from hiermem.inference.generate import GenerationConfig, generate
 from hiermem.models import load_model
 from hiermem.models.hmst import HMST, PRESETS, HMSTConfig, HMSTState, MoE, chunked_scan
 from hmst_reference import naive_forward, naive_moe, sequential_scan
+from scratch_family import resumed_run_equals_straight_run, save_with_byte_tokenizer, session_memories
 
 SMALL = dict(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, attention_window=5, num_experts=4, top_k=2,
              intermediate_size=12, ssm_every=1, ssm_state_size=4, ssm_expand=2, ssm_head_dim=8, ssm_chunk=4)
@@ -230,13 +231,7 @@ def test_unknown_preset_is_a_config_error():
 
 # --- persistence --------------------------------------------------------------------------------------
 def _save(tmp_path, name="m", **kw):
-    from hiermem.tokenizers import train_tokenizer
-
-    tok = train_tokenizer(["to be or not to be, that is the question. " * 40], tmp_path / "tok", type="byte")
-    model = tiny(torch.float32, vocab=len(tok), **kw)
-    model.tokenizer = tok
-    model.save_pretrained(tmp_path / name)
-    return model, tok
+    return save_with_byte_tokenizer(lambda v: tiny(torch.float32, vocab=v, **kw), tmp_path, name)
 
 
 def test_save_load_round_trip_state_files_and_corrupt_checkpoints(tmp_path):
@@ -272,33 +267,10 @@ def test_save_load_round_trip_state_files_and_corrupt_checkpoints(tmp_path):
 def test_train_command_resumes_bit_exactly_generates_and_serves(tmp_path):
     """`hiermem train hmst` with carried state: 6 steps at once equal 3 steps, then a resumed run to 6
     (constant schedule); the result loads, generates and answers as a served model with a session."""
-    import httpx
-
-    from hiermem.cli import main
-    from hiermem.inference.server import create_app, running
-    from hiermem.io import load_tensors
-    from hiermem.models.base import WEIGHTS_NAME
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(6):
-        (docs / f"play{i}.txt").write_text(f"Act {i}. " + "O Romeo, Romeo, wherefore art thou Romeo? " * 40)
-
-    def train(out, steps):
-        return main(["train", "hmst", "--config", "hmst-micro", "--source", str(docs), "--steps", str(steps),
-                     "--set", "hidden_size=16", "num_layers=2", "num_heads=2", "attention_window=6",
-                     "intermediate_size=16", "num_experts=4", "ssm_head_dim=8", "ssm_state_size=4", "ssm_chunk=8",
-                     "--tokenizer-type", "byte", "--window", "16", "--batch-size", "2", "--schedule", "constant",
-                     "--validation-fraction", "0.2", "--test-fraction", "0", "--eval-every", "3",
-                     "--eval-batches", "1", "--save-every", "3", "--output-dir", str(out), "--no-tensorboard",
-                     "--no-progress"])
-
-    assert train(tmp_path / "a", 6) == 0
-    assert train(tmp_path / "b", 3) == 0 and train(tmp_path / "b", 6) == 0
-    a, _ = load_tensors(tmp_path / "a" / "final" / WEIGHTS_NAME)
-    b, _ = load_tensors(tmp_path / "b" / "final" / WEIGHTS_NAME)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    summary = resumed_run_equals_straight_run(
+        tmp_path, "hmst", "hmst-micro",
+        ["hidden_size=16", "num_layers=2", "num_heads=2", "attention_window=6", "intermediate_size=16",
+         "num_experts=4", "ssm_head_dim=8", "ssm_state_size=4", "ssm_chunk=8"], steps=6, window=16)
     assert summary["steps"] == 6 and summary["model"]["attention_window"] == 6
     assert summary["train_config"]["carry_state"]
     last = summary["val_history"][-1]
@@ -308,12 +280,5 @@ def test_train_command_resumes_bit_exactly_generates_and_serves(tmp_path):
     tok = model.tokenizer
     out = generate(model, torch.tensor([tok.encode("O Romeo")]), GenerationConfig(max_new_tokens=5))
     assert out.tokens.shape == (1, 5)
-    app = create_app(model.eval(), tok, model_name="hmst")
-    with running(app) as base:
-        body = {"model": "hmst", "prompt": "O Romeo", "max_tokens": 4, "session_id": "s1"}
-        r1 = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
-        assert r1.status_code == 200, r1.text
-        r2 = httpx.post(f"{base}/v1/completions", json={**body, "prompt": ", Romeo"}, timeout=30)
-        assert r2.status_code == 200, r2.text
-        memory = httpx.get(f"{base}/v1/sessions/s1", timeout=30).json()["memory"]
-        assert memory["tokens"] >= len(tok.encode("O Romeo")) + len(tok.encode(", Romeo")) + 4
+    memory = session_memories(model, "hmst", ["O Romeo", ", Romeo"])[-1]
+    assert memory["tokens"] >= len(tok.encode("O Romeo")) + len(tok.encode(", Romeo")) + 4

@@ -15,6 +15,7 @@ from hiermem.inference.generate import GenerationConfig, apply_repetition_penalt
 from hiermem.models import load_model
 from hiermem.models.hrmlm import HRMLM, HRMLMConfig, HRMLMState
 from hrmlm_reference import naive_forward
+from scratch_family import resumed_run_equals_straight_run, save_with_byte_tokenizer, session_memories
 
 DIMS = [  # (n_embd, n_hidden, n_high_hidden, T, N)
     (8, 12, 6, 2, 3),
@@ -150,13 +151,7 @@ def test_tied_embeddings_share_the_matrix_and_train():
 
 
 def _save(tmp_path, name="m", **kw):
-    from hiermem.tokenizers import train_tokenizer
-
-    tok = train_tokenizer(["to be or not to be, that is the question. " * 40], tmp_path / "tok", type="byte")
-    model = tiny(torch.float32, vocab=len(tok), **kw)
-    model.tokenizer = tok
-    model.save_pretrained(tmp_path / name)
-    return model, tok
+    return save_with_byte_tokenizer(lambda v: tiny(torch.float32, vocab=v, **kw), tmp_path, name)
 
 
 def test_save_load_round_trip_and_state_files(tmp_path):
@@ -198,32 +193,10 @@ def test_corrupt_or_mismatched_checkpoints_and_tokenizers_fail_clearly(tmp_path)
 
 def test_train_command_resumes_bit_exactly_and_generates(tmp_path):
     """`hiermem train hrmlm` with carried state: 6 steps at once equal 3 steps, then a resumed run
-    to 6 (a constant schedule, so that both runs see the same learning rates); the result loads, generates and answers as a served model with a session."""
-    import httpx
-
-    from hiermem.cli import main
-    from hiermem.inference.server import create_app, running
-    from hiermem.models.base import WEIGHTS_NAME
-    from hiermem.io import load_tensors
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(6):
-        (docs / f"play{i}.txt").write_text(f"Act {i}. " + "O Romeo, Romeo, wherefore art thou Romeo? " * 40)
-
-    def train(out, steps):
-        return main(["train", "hrmlm", "--config", "hrmlm-cpu", "--source", str(docs), "--steps", str(steps),
-                     "--set", "n_embd=12", "n_hidden=16", "n_high_hidden=10", "--tokenizer-type", "byte",
-                     "--window", "16", "--batch-size", "2", "--schedule", "constant", "--validation-fraction", "0.2", "--test-fraction", "0",
-                     "--eval-every", "3", "--eval-batches", "1", "--save-every", "3", "--output-dir", str(out),
-                     "--no-tensorboard", "--no-progress"])
-
-    assert train(tmp_path / "a", 6) == 0
-    assert train(tmp_path / "b", 3) == 0 and train(tmp_path / "b", 6) == 0
-    a, _ = load_tensors(tmp_path / "a" / "final" / WEIGHTS_NAME)
-    b, _ = load_tensors(tmp_path / "b" / "final" / WEIGHTS_NAME)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    to 6 (a constant schedule, so that both runs see the same learning rates); the result loads,
+    generates and answers as a served model with a session."""
+    summary = resumed_run_equals_straight_run(tmp_path, "hrmlm", "hrmlm-cpu",
+                                              ["n_embd=12", "n_hidden=16", "n_high_hidden=10"], steps=6, window=16)
     assert summary["steps"] == 6 and summary["model"]["n_ctx"] == 16 and summary["train_config"]["carry_state"]
     # one validation document (fewer than the batch's 2 rows): validation streams it alone
     assert [e["step"] for e in summary["val_history"]] == [3, 6] and "val_bpb" in summary["val_history"][-1]
@@ -232,15 +205,8 @@ def test_train_command_resumes_bit_exactly_and_generates(tmp_path):
     tok = model.tokenizer
     out = generate(model, torch.tensor([tok.encode("O Romeo")]), GenerationConfig(max_new_tokens=5))
     assert out.tokens.shape == (1, 5)
-    app = create_app(model.eval(), tok, model_name="hrmlm")
-    with running(app) as base:
-        body = {"model": "hrmlm", "prompt": "O Romeo", "max_tokens": 4, "session_id": "s1"}
-        r1 = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
-        assert r1.status_code == 200, r1.text
-        r2 = httpx.post(f"{base}/v1/completions", json={**body, "prompt": ", Romeo"}, timeout=30)
-        assert r2.status_code == 200, r2.text
-        memory = httpx.get(f"{base}/v1/sessions/s1", timeout=30).json()["memory"]
-        assert memory["tokens"] >= len(tok.encode("O Romeo")) + len(tok.encode(", Romeo")) + 4
+    memory = session_memories(model, "hrmlm", ["O Romeo", ", Romeo"])[-1]
+    assert memory["tokens"] >= len(tok.encode("O Romeo")) + len(tok.encode(", Romeo")) + 4
 
 
 def test_bptt_window_must_match_n_ctx(tmp_path):
