@@ -49,8 +49,6 @@ def _train(model_type: str, out: Path, source: str, budget: float, tokenizer_fol
     keys = ("batch_size", "lr", "schedule", "warmup", "weight_decay", "grad_accum", "min_lr_ratio", "clip",
             "carry_state", "betas")
     train = {"schedule": "cosine", **{k: recipe_opts[k] for k in keys if k in recipe_opts}}
-    if "betas" in train:
-        train["betas"] = tuple(train["betas"])
     by_time = "time" if train["schedule"] in ("cosine", "linear") else "steps"  # decay over the budget
     cfg = TrainConfig(steps=10**7, max_minutes=budget, schedule_by=by_time, trainable="full", seed=seed,
                       eval_every=10**6, eval_batches=8, save_every=0, tensorboard=False, progress=False, **train)

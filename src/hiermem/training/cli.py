@@ -321,7 +321,7 @@ def train_model(
     tok = {"path": tokenizer} if tokenizer else {"type": tokenizer_type, "vocab_size": vocab_size}
     cfg = TrainConfig(steps=steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       schedule=schedule, schedule_by=schedule_by, warmup=warmup, min_lr_ratio=min_lr_ratio,
-                      weight_decay=weight_decay, betas=tuple(betas), clip=clip, precision=precision, trainable="full",
+                      weight_decay=weight_decay, betas=betas, clip=clip, precision=precision, trainable="full",
                       carry_state=carry_state,
                       eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, keep_last=keep_last,
                       patience=patience, log_every=log_every, seed=seed, tensorboard=tensorboard, progress=progress,
