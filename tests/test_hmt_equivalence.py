@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tiny import random_ids, tiny_hmt
+from hmt_reference import reference_hmt
+from tiny import assert_states_close, random_ids, tiny_hmt
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt"]
 
@@ -72,8 +73,46 @@ def test_whole_equals_chunked(kind, stage, eviction):
     assert torch.equal(mem.bank.sources, whole.state.bank.sources)
     torch.testing.assert_close(mem.bank.usage, whole.state.bank.usage)
     assert torch.equal(mem.sensory, whole.state.sensory)
-    assert (mem.segments, mem.tokens) == (8, ids.shape[1])
+    assert (mem.segments, mem.tokens, mem.pending_length) == (7, ids.shape[1], 5)  # the last 5 tokens wait
+    assert torch.equal(mem.pending, whole.state.pending) and torch.equal(mem.pending, ids[:, -5:])
     assert whole.state.bank.size == 3
+
+
+@pytest.mark.parametrize("stage,eviction", [(1, "fifo"), (2, "fifo"), (2, "attention")])
+def test_any_split_equals_one_call(stage, eviction):
+    """Calls of arbitrary lengths (mid-segment boundaries included) == one call: logits, loss
+    terms and the whole state, with the causal summary."""
+    model = tiny_hmt("llama", dtype=torch.float64, stage=stage, eviction=eviction, cache_size=3,
+                     summary_batch=2, summary_source="previous")
+    ids = random_ids(2, 9 * 16 + 7, seed=4)
+    with torch.no_grad():
+        whole = model(ids, return_token_nll=True)
+        for cuts in ([5, 21, 22, 50, 97, 140], [1, 2, 3, 17, 33, 34, 100], [15, 31, 47, 63, 79]):
+            state, parts = None, []
+            for s, e in zip([0, *cuts], [*cuts, ids.shape[1]]):
+                out = model(ids[:, s:e], state=state)
+                state = out.state
+                parts.append(out.logits)
+            torch.testing.assert_close(torch.cat(parts, 1), whole.logits, rtol=1e-10, atol=1e-10)
+            assert_states_close(state, whole.state)
+            assert (state.segments, state.tokens, state.pending_length) == (9, ids.shape[1], 7)
+
+
+def test_paper_summary_splits_equal_except_the_leaked_prefix():
+    """With the paper's summary (the segment's own first j tokens) a call that stops inside a
+    segment's first j tokens conditions them on a shorter summary; from token j on, and for the
+    state, any split still equals one call."""
+    model = tiny_hmt("llama", dtype=torch.float64, cache_size=3, summary_source="segment")  # j = 8
+    ids = random_ids(1, 6 * 16, seed=5)
+    with torch.no_grad():
+        whole = model(ids)
+        a = model(ids[:, :68])  # stops 4 tokens into segment 4 (its summary would read 8)
+        b = model(ids[:, 68:], state=a.state)
+    logits = torch.cat([a.logits, b.logits], 1)
+    torch.testing.assert_close(logits[:, :64], whole.logits[:, :64], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(logits[:, 64:68], whole.logits[:, 64:68])  # what the full summary leaked
+    torch.testing.assert_close(logits[:, 68:], whole.logits[:, 68:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b.state.bank.embeddings, whole.state.bank.embeddings, rtol=1e-10, atol=1e-10)
 
 
 def test_loss_matches_direct_computation():
@@ -106,3 +145,21 @@ def test_memory_stays_flat_without_logits():
         out = model(random_ids(1, 30 * 16), return_logits=False)
     assert out.logits is None and out.state.bank.size == 4
     assert out.state.bank.sources.tolist() == [[26, 27, 28, 29]]
+
+
+@pytest.mark.parametrize("source", ["segment", "previous"])
+@pytest.mark.parametrize("stage,eviction", [(1, "fifo"), (2, "fifo"), (2, "attention")])
+def test_equals_naive_reference(stage, eviction, source):
+    """Segments 0..5 with memory on (the bank fills and evicts at N=3) == the paper's formulas
+    written as a plain loop in tests/hmt_reference.py, float64."""
+    model = tiny_hmt("llama", dtype=torch.float64, stage=stage, eviction=eviction, cache_size=3,
+                     summary_source=source, summary_batch=4)
+    ids = random_ids(2, 6 * 16, seed=7)
+    with torch.no_grad():
+        out = model(ids)
+        ref_logits, ref_bank = reference_hmt(model, ids)
+    assert model.config.segment_bos  # BOS before P (the default with memory on)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.state.bank.embeddings, ref_bank, rtol=1e-9, atol=1e-9)
+    # memory mattered: segments >= 1 differ from the bare backbone read chunk by chunk
+    assert not torch.allclose(out.logits[:, 16:32], model.backbone(ids[:, 16:32]).logits, atol=1e-3)

@@ -1,11 +1,11 @@
-"""Incremental decoding: KV-cached equals uncached, folding equals forward, unbounded length."""
+"""Incremental decoding: conditions on memory as forward does, KV-cached equals uncached, unbounded length."""
 
 import pytest
 import torch
 
 from hiermem.inference.generate import GenerationConfig, generate
 from hiermem.models.hmt import HMTDecoder
-from tiny import random_ids, tiny_hmt
+from tiny import assert_states_close, random_ids, tiny_hmt
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "gemma3"])
@@ -34,8 +34,8 @@ def test_fold_matches_forward():
 
 
 def test_feeding_whole_segments_at_once_equals_piecewise():
-    """feed() folds whole segments with one forward pass; small pieces go through the KV cache
-    and _fold: both leave the same memory and next-token logits."""
+    """feed() folds whole segments with one forward pass; small pieces go through the KV cache:
+    both leave the same memory and next-token logits."""
     model = tiny_hmt("llama", dtype=torch.float64, eviction="attention", cache_size=3)
     L = model.config.segment_length
     ids = random_ids(2, 3 * L + 5)
@@ -47,6 +47,33 @@ def test_feeding_whole_segments_at_once_equals_piecewise():
     torch.testing.assert_close(whole.state.sensory, pieces.state.sensory)
     torch.testing.assert_close(logits, piece_logits)
     assert whole.tokens_seen == pieces.tokens_seen == 3 * L + 5
+
+
+@pytest.mark.parametrize("source", ["previous", "segment"])
+@pytest.mark.parametrize("stage,eviction", [(2, "fifo"), (2, "attention"), (1, "fifo")])
+def test_decoder_conditions_on_memory_as_forward_does(source, stage, eviction):
+    """After every feed, in pieces of 1..9 tokens across folds and evictions, the decoder's logits
+    are forward()'s for the last of the same tokens read in one call, and its state is forward()'s.
+    With the causal summary they are also the logits of one call over the whole document."""
+    model = tiny_hmt("llama", dtype=torch.float64, stage=stage, eviction=eviction, cache_size=3,
+                     summary_source=source)
+    ids = random_ids(2, 6 * 16 + 11, seed=9)
+    dec = HMTDecoder(model, batch_size=2)
+    with torch.no_grad():
+        whole = model(ids)
+    t, sizes = 0, [1, 3, 9, 1, 1, 7, 4, 9, 2, 5, 1, 8]
+    while t < ids.shape[1]:
+        n = min(sizes[t % len(sizes)], ids.shape[1] - t)
+        logits = dec.feed(ids[:, t:t + n])
+        t += n
+        with torch.no_grad():
+            ref = model(ids[:, :t], return_logits=False)
+        torch.testing.assert_close(logits, ref.last_logits.float(), rtol=1e-6, atol=1e-6)
+        if source == "previous":
+            torch.testing.assert_close(logits, whole.logits[:, t - 1].float(), rtol=1e-6, atol=1e-6)
+        assert_states_close(dec.state, ref.state, tol=1e-8)
+    torch.testing.assert_close(dec.state.bank.embeddings, whole.state.bank.embeddings)
+    assert torch.equal(dec.state.pending, whole.state.pending) and dec.state.tokens == ids.shape[1]
 
 
 def test_generation_far_past_one_segment_is_flat():

@@ -96,3 +96,15 @@ def tiny_model_folder(root: Path, chat_template: bool = True, **config) -> Path:
                        "cache_size": 5, **config})
     HMT(backbone, cfg).save_pretrained(root / "model")
     return root / "model"
+
+
+def assert_states_close(a, b, tol: float = 1e-10) -> None:
+    """Two model states hold the same tensors (names, values within ``tol``) and the same counters."""
+    mine, theirs = a.named_tensors(), b.named_tensors()
+    assert mine.keys() == theirs.keys(), (sorted(mine), sorted(theirs))
+    for name, (t, _) in mine.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(t, theirs[name][0], rtol=tol, atol=tol, msg=name)
+        else:
+            assert torch.equal(t, theirs[name][0]), name
+    assert a._meta() == b._meta()

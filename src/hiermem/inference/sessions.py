@@ -425,7 +425,7 @@ class SessionStore:
         for s in list(self.sessions.values()):
             if self.total_bytes <= self.max_bytes:
                 break
-            if s.pins == 0 and s.decoder.snapshot()[1].shape[1]:
+            if s.pins == 0 and s.decoder.holds_cache:
                 s.compact()
         while len(self.sessions) + incoming > self.max_sessions or self.total_bytes > self.max_bytes:
             victim = next((key for key, s in self.sessions.items() if s.pins == 0), None)

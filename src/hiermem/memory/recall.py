@@ -27,7 +27,8 @@ class CrossAttentionRecall(nn.Module):
         q = self.query(summary)  # (B, 1, h)
         k = self.key(bank)  # (B, n, h)
         scores = q @ k.transpose(1, 2) / math.sqrt(self.recall_dim)  # (B, 1, n)
-        weights = scores.float().softmax(dim=-1).to(bank.dtype)
+        # at least float32 for the softmax (half-precision banks), float64 kept in float64
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(bank.dtype)
         return weights @ bank, weights.squeeze(1)  # (B, 1, d), (B, n)
 
 

@@ -128,6 +128,12 @@ class Decoder:
         return self.state, self.current
 
     @property
+    def holds_cache(self) -> bool:
+        """Whether the decoder holds more than its snapshot (KV caches a rebuilt decoder would
+        recompute): what a session store may drop to save memory."""
+        return self.current.shape[1] > 0
+
+    @property
     def tokens_seen(self) -> int:
         return int(getattr(self.state, "tokens", 0)) + self.current.shape[1]
 

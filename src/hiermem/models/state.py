@@ -175,9 +175,12 @@ class ModelState:
             entry = meta.get(f.name)
             name = prefix + f.name
             if entry is None:
-                if name not in tensors:
+                if name in tensors:
+                    kwargs[f.name] = tensors[name]
+                elif f.default is not dataclasses.MISSING:  # a field added after the file was written
+                    kwargs[f.name] = f.default
+                else:
                     raise KeyError(name)
-                kwargs[f.name] = tensors[name]
             elif "state" in entry:
                 sub = _nested_state_class(cls, f.name)
                 if sub is None:

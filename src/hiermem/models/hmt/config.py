@@ -17,6 +17,12 @@ class HMTConfig:
     segment_length: L, new tokens per segment.
     sensory_length: k, tokens of the previous segment repeated before the current one.
     summary_length: j, tokens read by the representation (summary) pass; default L // 2.
+    summary_source: what the summary pass reads. "segment" (the paper): the first j tokens of the
+        segment itself, which the segment's own first j - 1 positions predict, so recall sees
+        tokens it is scored on and generation cannot condition as ``forward`` does. "previous"
+        (causal): the last j tokens read before the segment; a segment's prompt depends on the
+        past alone, so any split of a document into calls and token-by-token decoding give
+        exactly the logits of one call. Checkpoints saved without the field read "segment".
     cache_size: N, memory embeddings kept for recall (paper: 300).
     recall_dim: h, size of the recall query/key projections; default = backbone hidden size.
     stage: 1 = RMT + sensory memory (recall off: P_n = m_{n-1}); 2 = full HMT.
@@ -35,6 +41,7 @@ class HMTConfig:
     segment_length: int = 256
     sensory_length: int = 32
     summary_length: int | None = None
+    summary_source: str = "previous"
     cache_size: int = 300
     recall_dim: int | None = None
     stage: int = 2
@@ -67,6 +74,9 @@ class HMTConfig:
         if self.summary_tokens > self.segment_length:
             raise ConfigError(f"summary_length ({self.summary_tokens}) cannot exceed segment_length "
                               f"({self.segment_length})")
+        if self.summary_source not in ("segment", "previous"):
+            raise ConfigError(f"summary_source must be 'segment' (the paper) or 'previous' (causal), got "
+                              f"{self.summary_source!r}")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 (RMT + sensory memory) or 2 (full HMT), got {self.stage!r}")
         if self.eviction not in ("fifo", "attention"):
@@ -91,8 +101,9 @@ class HMTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HMTConfig":
-        """Build from JSON; missing fields take defaults, unknown fields are ignored with a warning."""
-        return dataclass_from_dict(cls, data, "HMT config")
+        """Build from JSON; missing fields take defaults, unknown fields are ignored with a warning.
+        A config saved before ``summary_source`` existed summarised the segment itself."""
+        return dataclass_from_dict(cls, {"summary_source": "segment", **data}, "HMT config")
 
     def replace(self, **changes) -> "HMTConfig":
         return dataclasses.replace(self, **changes)

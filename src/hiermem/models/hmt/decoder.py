@@ -1,16 +1,19 @@
 """Incremental decoding with HMT memory: feed tokens, read next-token logits, forever.
 
-Within the current segment decoding reuses the backbone's KV cache over ``[P*, sensory, tokens]``.
-When the segment reaches L tokens it is folded into memory exactly as ``HMT.forward`` would (same
-summary, recall, encoding and memory update), the cache is dropped and a new segment begins, so
-output length is unbounded and memory use stays flat.
-
-P* for a segment in progress is recalled with the summary of the segment's tokens known when
-decoding inside it began (the full segment is not known yet); it stays fixed until the fold.
-``use_kv_cache=False`` recomputes the whole segment at every step: the slow reference.
+The decoder's logits after any sequence of ``feed`` calls are those ``HMT.forward`` returns for
+the last token of the same tokens read in one call from the same state: the unfinished segment
+lives in the state (``pending``) and its memory prompt P is the one ``forward`` computes for it.
+Within a segment decoding reuses the backbone's KV cache over ``[bos?, P, sensory, tokens]`` as
+long as P stays the same (always with a causal summary; with the paper's summary of the segment's
+own first j tokens, P changes with each of those tokens and the segment is re-read). When the
+segment reaches L tokens, ``forward`` folds it into memory, the cache is dropped and a new segment
+begins, so output length is unbounded and memory use stays flat.
+``use_kv_cache=False`` calls ``forward`` for every feed (re-reading the segment): the reference.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -23,12 +26,12 @@ class HMTDecoder(Decoder):
 
     def __init__(self, model, state: HMTMemory | None = None, batch_size: int = 1,
                  last_logits: torch.Tensor | None = None, use_kv_cache: bool = True):
-        """``state``/``last_logits``: continue after ``HMT.forward`` on an input that ended on a
-        segment boundary (pass its ``out.state`` and ``out.last_logits``)."""
-        super().__init__(model, state, batch_size, last_logits)  # current: (B, c < L) segment in progress
+        """``state``/``last_logits``: continue after ``HMT.forward`` (pass its ``out.state`` and
+        ``out.last_logits``); an unfinished segment in the state is continued."""
+        super().__init__(model, state, batch_size, last_logits)  # current: always empty (see pending)
         self.use_kv_cache = use_kv_cache
-        self.prompt = None  # P* of the current segment
-        self.past = None
+        self.prompt = None  # P of the segment in progress, as the KV cache saw it
+        self.past = None  # KV cache over [bos?, P, sensory, pending]
 
     @property
     def memory(self) -> HMTMemory:
@@ -38,51 +41,46 @@ class HMTDecoder(Decoder):
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Read ids (B, l >= 1); return logits (B, V) for the token after them."""
         ids = self.check_ids(ids)
+        if not self.use_kv_cache:
+            self._forward(ids)
+            return self.last_logits
         L = self.model.config.segment_length
         while ids.shape[1]:
-            if self.current.shape[1] == 0 and ids.shape[1] >= L:
-                # whole segments: one forward pass folds them (token-wise reading would encode each twice)
-                k = ids.shape[1] // L * L
-                out = self.model(ids[:, :k], state=self.state, return_logits=False)
-                self.state, self.last_logits = out.state, out.last_logits.float()
+            c = self.state.pending_length
+            if c + ids.shape[1] >= L:
+                # finish the segment in progress and any whole segments after it in one forward call
+                k = (c + ids.shape[1]) // L * L - c
+                self._forward(ids[:, :k])
                 ids = ids[:, k:]
-                continue
-            take, ids = ids[:, :L - self.current.shape[1]], ids[:, L - self.current.shape[1]:]
-            self._extend(take)
-            if self.current.shape[1] == L:
-                self._fold()
+            else:
+                self._extend(ids)
+                break
         return self.last_logits
 
-    def _start_segment(self, first: torch.Tensor) -> None:
-        model = self.model
-        if not model.config.use_memory:
-            self.prompt = None
-            return
-        summary = model.summarize(first) if model.needs_summary(self.state) else None
-        self.prompt, _ = model.memory_prompt(summary, self.state)
+    def _forward(self, ids: torch.Tensor) -> None:
+        out = self.model(ids, state=self.state, return_logits=False)
+        self.state, self.last_logits = out.state, out.last_logits.float()
+        self.prompt, self.past = None, None
 
     def _extend(self, take: torch.Tensor) -> None:
-        if self.current.shape[1] == 0:
-            self._start_segment(take)
-            self.past = None
-        self.current = torch.cat([self.current, take], dim=1)
-        if self.use_kv_cache:
-            h, _, self.past = self.model.encode(take, self.prompt, self.state, past=self.past,
-                                                use_cache=True, close=False)
-        else:
-            h, _, _ = self.model.encode(self.current, self.prompt, self.state, close=False)
-        self.last_logits = self.model.head(h[:, -1:]).squeeze(1).float()
-
-    def _fold(self) -> None:
-        """The segment is full: update memory exactly as forward() does."""
-        model, ids = self.model, self.current
-        summary = model.summarize(ids) if model.needs_summary(self.state) else None
-        prompt, weights = model.memory_prompt(summary, self.state) if model.config.use_memory else (None, None)
-        h, new_mem, _ = model.encode(ids, prompt, self.state)
-        self.state = model.update_memory(self.state, ids, new_mem, weights)
+        """Add ``take`` (B, l) to the segment in progress (it stays unfinished)."""
+        model, state = self.model, self.state
+        c = state.pending_length
+        segment = torch.cat([state.pending, take], dim=1) if c else take.clone()
+        if c and self.past is not None and model.prompt_is_fixed(state, c):
+            h, _, self.past = model.encode(take, self.prompt, state, past=self.past, use_cache=True, close=False)
+        else:  # a new segment, a restored state or a prompt that changed: read the segment afresh
+            self.prompt, _ = model.segment_prompt(segment, state)
+            h, _, self.past = model.encode(segment, self.prompt, state, use_cache=True, close=False)
+        self.state = dataclasses.replace(state, pending=segment, tokens=state.tokens + take.shape[1])
         self.last_logits = model.head(h[:, -1:]).squeeze(1).float()
-        self.current = self.current[:, :0]
-        self.prompt, self.past = None, None
+
+    @property
+    def holds_cache(self) -> bool:
+        return self.past is not None
+
+    def stats(self) -> dict:
+        return {**super().stats(), "current_segment_tokens": self.state.pending_length}
 
     def reset(self) -> None:
         self.__init__(self.model, None, self.state.batch_size, use_kv_cache=self.use_kv_cache)

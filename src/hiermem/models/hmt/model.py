@@ -13,6 +13,7 @@ The backbone is reached through its ``base_model`` (for hidden states without th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -180,18 +181,31 @@ class HMT(HiermemModel):
     def fingerprint(self) -> dict:
         return {"model_type": "hmt", **self.config.backbone_fingerprint}
 
-    def summarize(self, heads: torch.Tensor) -> torch.Tensor:
-        """Representation encoding: segment ids (B, l) -> S (B, 1, d) from the first j tokens."""
-        heads = heads[:, :self.config.summary_tokens]
-        b = heads.shape[0]
+    def summarize(self, source: torch.Tensor) -> torch.Tensor:
+        """Representation encoding: summary-source ids (B, l) -> S (B, 1, d) from at most j of them
+        (the first j of a segment, or the last j before it: see :meth:`summary_source`)."""
+        source = self._summary_window(source)
+        b = source.shape[0]
         t = self.summary_prompt.expand(b, 1, -1)
-        h, _ = self.hidden(torch.cat([*self._bos(b), t, self.embed(heads), t], dim=1))
+        h, _ = self.hidden(torch.cat([*self._bos(b), t, self.embed(source), t], dim=1))
         return h[:, -1:]
 
-    def summarize_many(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Summaries of several segments, batched when their summary heads have equal length."""
+    def _summary_window(self, source: torch.Tensor) -> torch.Tensor:
         j = self.config.summary_tokens
-        heads = [s[:, :j] for s in segments]  # each (B, <= j)
+        return source[:, :j] if self.config.summary_source == "segment" else source[:, -j:]
+
+    def summary_source(self, segment: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """What the summary of ``segment`` (B, l) reads: the segment ("segment", the paper) or the
+        tokens before it (``previous`` (B, l'), "previous")."""
+        if self.config.summary_source == "segment":
+            return segment
+        if previous is None:
+            raise RuntimeError("a causal summary needs the previous segment's tokens (state.tail)")
+        return previous
+
+    def summarize_many(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Summaries of several segments, batched when their summary inputs have equal length."""
+        heads = [self._summary_window(s) for s in sources]  # each (B, <= j)
         out: list[torch.Tensor | None] = [None] * len(heads)
         by_len: dict[int, list[int]] = {}
         for i, hd in enumerate(heads):
@@ -245,18 +259,36 @@ class HMT(HiermemModel):
         new_mem = self.memory_projection(h[:, -1:]) if closing else None
         return h_ids, new_mem, past
 
+    def segment_prompt(self, segment: torch.Tensor, memory: HMTMemory):
+        """P (B, 1, d) (None without memory) and recall weights for ``segment`` (B, l <= L) read
+        after ``memory``: the prompt ``forward`` uses (summaries there are batched)."""
+        if not self.config.use_memory:
+            return None, None
+        summary = (self.summarize(self.summary_source(segment, memory.tail))
+                   if self.needs_summary(memory) else None)
+        return self.memory_prompt(summary, memory)
+
+    def prompt_is_fixed(self, memory: HMTMemory, pending: int) -> bool:
+        """Whether a segment's prompt stays the same when tokens are added to its first ``pending``:
+        true unless the summary reads the segment itself and has not seen j of its tokens yet."""
+        return (not self.needs_summary(memory) or self.config.summary_source == "previous"
+                or pending >= self.config.summary_tokens)
+
     def update_memory(self, memory: HMTMemory, ids: torch.Tensor, new_mem: torch.Tensor | None,
                       weights: torch.Tensor | None) -> HMTMemory:
         """Fold a finished segment into the state: bank, last embedding, sensory tokens, counters."""
-        bank, last = memory.bank, memory.last
+        bank, last, evictions = memory.bank, memory.last, memory.evictions
         if new_mem is not None:
             if weights is not None:
                 bank = self.eviction.observe(bank, weights)
-            bank, _ = append(bank, new_mem, memory.segments, self.config.cache_size, self.eviction)
-            last = new_mem
+            bank, evicted = append(bank, new_mem, memory.segments, self.config.cache_size, self.eviction)
+            last, evictions = new_mem, evictions + (evicted is not None)
         k = self.config.sensory_length
         sensory = torch.cat([memory.sensory, ids], dim=1)[:, -k:] if k else memory.sensory
-        state = HMTMemory(bank, last, sensory, memory.segments + 1, memory.tokens + ids.shape[1])
+        tail = None
+        if self.config.use_memory and self.config.summary_source == "previous":
+            tail = ids[:, -self.config.summary_tokens:].clone()  # own storage: not a view of the input
+        state = HMTMemory(bank, last, sensory, memory.segments + 1, memory.tokens + ids.shape[1], evictions, tail=tail)
         depth = self.config.bptt_depth
         if depth is not None and state.segments % depth == 0:
             state = state.detach()  # truncated BPTT: no gradient crosses this boundary
@@ -269,43 +301,54 @@ class HMT(HiermemModel):
                 loss_skip_segments: int = 0, on_segment=None) -> HMTOutput:
         """Read ``input_ids`` (B, T) segment by segment, carrying the memory ``state``.
 
+        Segments are counted from the start of the document, not of the call: the state's
+        unfinished segment (``pending``) is continued, and a trailing partial segment is returned
+        in the new state's ``pending`` (its tokens get logits now; memory folds it once it holds L
+        tokens). So any split of a document into calls folds the same segments; with
+        ``summary_source="previous"`` it also gives the same logits (see HMTConfig).
         ``labels`` (B, T) follow the HF convention (shifted inside; -100 ignored): every token
         but the first of this call is scored exactly once. ``loss_skip_segments`` leaves the
-        first segments out of the loss (memory warm-up). Without ``return_logits`` no logits are
-        kept, so memory use does not grow with T. ``on_segment(n_tokens)`` is called after each
-        segment (progress bars).
+        first segments of the call out of the loss (memory warm-up). Without ``return_logits`` no
+        logits are kept, so memory use does not grow with T. ``on_segment(n_tokens)`` is called
+        after each segment (progress bars).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
-        cfg = self.config
-        memory = state if state is not None else self.init_state(input_ids.shape[0])
-        if memory.batch_size != input_ids.shape[0]:
-            raise ValueError(f"memory holds {memory.batch_size} rows but input has {input_ids.shape[0]}")
-        L, T = cfg.segment_length, input_ids.shape[1]
+        memory = self.checked_state(input_ids, state, labels)
+        cfg, n_in = self.config, input_ids.shape[1]
+        p = memory.pending_length
+        ids_all = torch.cat([memory.pending, input_ids], dim=1) if p else input_ids  # (B, p + T)
+        memory = dataclasses.replace(memory, pending=None, tokens=memory.tokens - p)
+        L, T = cfg.segment_length, ids_all.shape[1]
         bounds = [(s, min(s + L, T)) for s in range(0, T, L)]
         nll_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         count, logits_out, nll_out, trace, last_logits = 0, [], [], [], None
         for block in range(0, len(bounds), cfg.summary_batch):
             block_bounds = bounds[block:block + cfg.summary_batch]
-            segs = [input_ids[:, s:e] for s, e in block_bounds]
+            segs = [ids_all[:, s:e] for s, e in block_bounds]
             summaries = [None] * len(segs)
             if cfg.use_memory and cfg.stage == 2:
                 # segment i of the block sees min(N, size + i) slots; recall needs >= 2 of them
                 first_needed = max(0, 2 - memory.bank.size) if cfg.cache_size > 1 else len(segs)
                 if len(segs) > first_needed:
-                    summaries[first_needed:] = self.summarize_many(segs[first_needed:])
+                    before = [memory.tail, *segs[:-1]]  # what precedes each segment of the block
+                    sources = [self.summary_source(segs[i], before[i]) for i in range(first_needed, len(segs))]
+                    summaries[first_needed:] = self.summarize_many(sources)
             for i, ((s, e), ids) in enumerate(zip(block_bounds, segs)):
                 prompt, weights = self.memory_prompt(summaries[i], memory) if cfg.use_memory else (None, None)
-                h_ids, new_mem, _ = self.encode(ids, prompt, memory)
-                seg_index = block + i
-                if return_recall and weights is not None:
-                    trace.append((memory.segments, memory.bank.sources.clone(), weights.detach().float().cpu()))
-                memory = self.update_memory(memory, ids, new_mem, weights)
+                complete = e - s == L
+                h_ids, new_mem, _ = self.encode(ids, prompt, memory, close=complete)
+                if complete:
+                    if return_recall and weights is not None:
+                        trace.append((memory.segments, memory.bank.sources.clone(), weights.detach().float().cpu()))
+                    memory = self.update_memory(memory, ids, new_mem, weights)
+                else:  # the unfinished segment travels in the state
+                    memory = dataclasses.replace(memory, pending=ids.clone(), tokens=memory.tokens + e - s)
+                first_new = max(p - s, 0)  # the pending tokens re-read here were scored by an earlier call
+                h_ids, a, b = h_ids[:, first_new:], s + first_new - p, e - p  # a:b = this call's positions
                 if on_segment is not None:
-                    on_segment(e - s)
-                want_loss = labels is not None and seg_index >= loss_skip_segments
+                    on_segment(b - a)
+                want_loss = labels is not None and block + i >= loss_skip_segments
                 if not (return_logits or want_loss or return_token_nll):
-                    if e == T:
+                    if b == n_in:
                         last_logits = self.head(h_ids[:, -1:]).squeeze(1)
                     continue
                 logits = self.head(h_ids)  # (B, l, V)
@@ -313,7 +356,7 @@ class HMT(HiermemModel):
                 if return_logits:
                     logits_out.append(logits)
                 if labels is not None or return_token_nll:
-                    target = (labels if labels is not None else input_ids)[:, s + 1:e + 1]
+                    target = (labels if labels is not None else input_ids)[:, a + 1:b + 1]
                     seg_logits = logits[:, :target.shape[1]].float()
                     nll = F.cross_entropy(seg_logits.flatten(0, 1), target.clamp_min(0).flatten(),
                                           reduction="none").view_as(target)  # (B, l)
