@@ -40,6 +40,9 @@ def train(
     test_fraction: float = 0.1,
     split_files: list[str] = [],  # noqa: B006 (read-only default, shown in --help)
     straddle: bool = False,
+    carry_state: bool = False,
+    curriculum: list[int] = [],  # noqa: B006
+    task: Literal["lm", "passkey", "needle", "recall"] = "lm",
     steps: int | None = None,
     stage1_steps: int = 150,
     stage2_steps: int = 150,
@@ -68,6 +71,7 @@ def train(
     bptt_depth: int | None = None,
     memory_projection: Literal["none", "rmsnorm", "linear"] = "none",
     segment_bos: bool | None = None,
+    summary_source: Literal["previous", "segment"] = "previous",
     eval_every: int = 50,
     eval_batches: int = 16,
     save_every: int = 25,
@@ -115,6 +119,12 @@ def train(
         test_fraction: share of documents held out for testing
         split_files: SPLIT=FILE pairs listing document ids per split (instead of hashing)
         straddle: let training windows cross document boundaries
+        carry_state: read each document in order and carry the memory (bank, sensory tokens), detached,
+            from window to window, as at inference: recall sees up to N slots and evictions happen
+        curriculum: stage-2 unrolls in segments (e.g. 3 6 12): one phase each, stage-2 steps split evenly
+        task: what to learn: language modelling on --source, or recall: a pass key / needle sentence hidden
+            in --source's text beyond the attention window, loss on the answer (recall = both); sample
+            length = the phase's window, so --curriculum grows the haystacks
         steps: optimizer steps of each stage (sets --stage1-steps and --stage2-steps)
         stage1_steps: optimizer steps of stage 1 (0 skips it)
         stage2_steps: optimizer steps of stage 2 (0 skips it)
@@ -144,6 +154,9 @@ def train(
         memory_projection: map from hidden state to memory embedding
         segment_bos: start every backbone call with BOS (unset: on when the backbone has a BOS token,
             so the memory embedding does not take the attention-sink position 0)
+        summary_source: what the recall query summarises: the previous segment's last tokens (causal:
+            any split of a document and generation give the logits of one call) or the segment's own
+            first tokens (the paper; its first positions are scored on tokens the query has seen)
         eval_every: steps between validations (0 = only at the end)
         eval_batches: validation batches per evaluation
         save_every: steps between checkpoints (0 = only at the end)
@@ -175,7 +188,7 @@ def train(
     stage_cfg = [TrainConfig(steps=n, **common) if n else None for n in (stage1_steps, stage2_steps)]
     model = dict(segment_length=segment_length, sensory_length=sensory_length, cache_size=cache_size,
                  eviction=eviction, bptt_depth=bptt_depth, memory_projection=memory_projection,
-                 segment_bos=segment_bos)
+                 segment_bos=segment_bos, summary_source=summary_source)
     if trainable == "lora":
         model["lora"] = {"r": lora_r, "alpha": lora_alpha, "target_modules": list(lora_targets)}
     data = dict(text_column=text_column, prompt_column=prompt_column, completion_column=completion_column,
@@ -184,7 +197,8 @@ def train(
                 split_files=_split_files(split_files))
     plan = HMTRecipe(output_dir=output_dir, backbone=backbone, source=source, data=data, model=model,
                      stage1=stage_cfg[0], stage2=stage_cfg[1], stage2_segments=stage2_segments,
-                     straddle=straddle, init=init, device=device)
+                     straddle=straddle, init=init, device=device, carry_state=carry_state,
+                     curriculum=[int(n) for n in curriculum], task=task)
     acc = make_accelerator(device)
     if not acc.is_main_process:  # one process reports
         logging.getLogger("hiermem").setLevel(logging.WARNING)

@@ -57,11 +57,13 @@ class Monitor:
         weight = sum(r["tokens"] for r in self._window)
         for name in res.get("aux", {}):
             scalars[f"train/{name}"] = sum(r["aux"].get(name, 0.0) * r["tokens"] for r in self._window) / weight
+        scalars.update({f"state/{k}": float(v) for k, v in res.get("state", {}).items()})
         self._window = []
         if self.bar is None:
             aux = "".join(f"  {k[6:]} {v:.4g}" for k, v in scalars.items() if k[6:] in res.get("aux", {}))
-            log.info("step %d/%d  loss %.4f%s  lr %.3g  grad-norm %.3g  %.0f tok/s", step, self.cfg.steps, loss, aux,
-                     res["lr"], scalars["train/grad_norm"], tokens_per_second)
+            state = "".join(f"  {k} {v}" for k, v in res.get("state", {}).items())
+            log.info("step %d/%d  loss %.4f%s  lr %.3g  grad-norm %.3g  %.0f tok/s%s", step, self.cfg.steps, loss, aux,
+                     res["lr"], scalars["train/grad_norm"], tokens_per_second, state)
         self._emit(step, scalars)
 
     def evaluation(self, step: int, record: dict, best: float | None) -> None:

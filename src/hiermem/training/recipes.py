@@ -5,10 +5,16 @@ Stage 1 trains HMT with recall switched off (RMT + sensory memory: P_n = m_{n-1}
 needs at least 3 segments: with 2, recall sees a single cached memory, its softmax is constant and
 Wq, Wk and the summary prompt get no gradient.
 
+With ``carry_state`` (the regime HMT is evaluated in) each document is read in order, window after
+window, and the memory state (bank, sensory tokens, last memory) is carried, detached, from one
+window to the next: recall sees up to N slots and evictions happen in training as at inference.
+The window is then the truncated-BPTT unroll; ``curriculum`` runs stage 2 in phases of growing
+unrolls (e.g. 3, 6, 12 segments), each initialised from the one before.
+
 Output folder layout::
 
     <output_dir>/stage1/   step-*/ best/ tensorboard/ final/   (stage-1 run; final = its weights)
-    <output_dir>/stage2/   step-*/ best/ tensorboard/
+    <output_dir>/stage2/   step-*/ best/ tensorboard/          (stage2-uN/ per curriculum phase)
     <output_dir>/final/    the trained model (save_pretrained; loads with hiermem.models.load_model)
     <output_dir>/train_summary.json
 """
@@ -26,6 +32,7 @@ import torch
 from hiermem.errors import ConfigError, DataError
 from hiermem.io import atomic_write_json
 from hiermem.training.config import TrainConfig
+from hiermem.training.recall_task import TRAIN_TASKS, RecallTaskLoader
 from hiermem.training.trainer import Trainer, TrainResult, make_accelerator
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,12 @@ class HMTRecipe:
         (None skips a stage). stage2_segments: unroll of stage 2 (>= 3).
     data: keyword options of ``hiermem.data.build_corpus`` (text column, splits, ...).
     straddle: let windows cross document boundaries. init: start from these HMT weights.
+    carry_state: read documents in order and carry the memory across windows (one document per
+        process at a time: the bank's slot count is shared by the rows of a batch).
+    curriculum: stage-2 unrolls in segments, one phase each, stage-2 steps split evenly among them.
+    task: "lm" (language modelling on the corpus) or a recall task ("passkey", "needle", "recall" =
+        both): samples as long as the phase's window, the needle beyond the last segment's attention
+        window, loss on the answer only (:mod:`hiermem.training.recall_task`).
     """
 
     output_dir: str | Path
@@ -55,6 +68,9 @@ class HMTRecipe:
     straddle: bool = False
     init: str | None = None
     device: str | None = None
+    carry_state: bool = False
+    curriculum: list[int] = field(default_factory=list)
+    task: str = "lm"
 
     def validate(self) -> None:
         if self.stage1 is None and self.stage2 is None:
@@ -62,6 +78,23 @@ class HMTRecipe:
         if self.stage2_segments < 3:
             raise ConfigError(f"stage2_segments must be >= 3, got {self.stage2_segments}: with fewer segments "
                               "stage-2 recall sees one cached memory and passes no gradient to its weights")
+        if any(int(n) < 3 for n in self.curriculum):
+            raise ConfigError(f"curriculum unrolls must each be >= 3 segments, got {list(self.curriculum)}")
+        if self.curriculum and self.stage2 is not None and self.stage2.steps < len(self.curriculum):
+            raise ConfigError(f"stage 2's {self.stage2.steps} steps cannot be split into {len(self.curriculum)} "
+                              "curriculum phases")
+        if self.task not in ("lm", *TRAIN_TASKS):
+            raise ConfigError(f"unknown task {self.task!r}; choose lm, {', '.join(TRAIN_TASKS)}")
+        if self.task != "lm" and (self.carry_state or self.straddle):
+            raise ConfigError("a recall task reads each sample whole from empty memory: drop --carry-state and "
+                              "--straddle")
+        if self.carry_state and self.straddle:
+            raise ConfigError("--straddle applies to independent windows; carried-state streams read each "
+                              "document whole already")
+        batch = [c.batch_size for c in (self.stage1, self.stage2) if c is not None]
+        if self.carry_state and max(batch) > 1:
+            raise ConfigError("with --carry-state HMT reads one document per process (the memory bank's slot "
+                              "count is shared by a batch's rows): use --batch-size 1 and --grad-accum N")
         if self.model.get("stage") is not None:
             raise ConfigError("the HMT recipe sets the stage itself; leave 'stage' out of the model options")
 
@@ -81,16 +114,33 @@ def _build_model(recipe: HMTRecipe, stage: int, init: Path | None, bb):
     return HMT(bb.model, cfg, bos_token_id=bb.tokenizer.bos_token_id)
 
 
-def _loaders(recipe: HMTRecipe, corpora: dict, window: int, cfg: TrainConfig, acc):
-    from hiermem.data import WindowLoader
+def _pool(corpus, tokenizer) -> list[int]:
+    """Every document of a token corpus joined by blank lines: recall tasks' haystack text."""
+    from hiermem.evaluation.tasks import haystack_pool
 
-    common = dict(window_tokens=window, batch_size=cfg.batch_size, seed=cfg.seed, straddle=recipe.straddle,
-                  rank=acc.process_index, world_size=acc.num_processes)
-    train = WindowLoader(corpora["train"], **common)
+    return haystack_pool(tokenizer, [torch.from_numpy(corpus.document(i).astype("int64")) for i in range(len(corpus))])
+
+
+def _loaders(recipe: HMTRecipe, corpora: dict, window: int, cfg: TrainConfig, acc, tokenizer=None, far: int = 0):
+    """(train, validation or None) loaders of one phase: independent windows, carried-state
+    streams, or recall-task samples (validation samples from another split and seed)."""
+    from hiermem.data import WindowLoader
+    from hiermem.data.stream import StreamLoader
+
+    def make(corpus, split):
+        common = dict(batch_size=cfg.batch_size, rank=acc.process_index, world_size=acc.num_processes)
+        if recipe.task != "lm":
+            return RecallTaskLoader(tokenizer, _pool(corpus, tokenizer), recipe.task, window,
+                                    seed=cfg.seed + (split == "validation"), far=far, **common)
+        if recipe.carry_state:
+            return StreamLoader(corpus, window, seed=cfg.seed, **common)
+        return WindowLoader(corpus, window, seed=cfg.seed, straddle=recipe.straddle, **common)
+
+    train = make(corpora["train"], "train")
     val = None
     if corpora.get("validation") is not None:
         try:
-            val = WindowLoader(corpora["validation"], **common)
+            val = make(corpora["validation"], "validation")
         except DataError as exc:
             log.warning("no validation for this stage (%s)", exc)
     return train, val
@@ -120,6 +170,23 @@ def _stage_summary(result: TrainResult, cfg: TrainConfig, segments: int, window:
             "supervised_tokens": result.tokens, "tokens_per_second_this_run": round(result.tokens_per_second, 2)}
 
 
+def _phases(recipe: HMTRecipe) -> list[tuple[int, str, TrainConfig, int]]:
+    """(stage, folder name, trainer settings, segments per window) of every phase, in order."""
+    phases = []
+    if recipe.stage1 is not None:
+        phases.append((1, "stage1", recipe.stage1.replace(carry_state=recipe.carry_state), STAGE1_SEGMENTS))
+    if recipe.stage2 is not None:
+        cfg = recipe.stage2.replace(carry_state=recipe.carry_state)
+        if not recipe.curriculum:
+            phases.append((2, "stage2", cfg, recipe.stage2_segments))
+        n = len(recipe.curriculum)
+        for i, unroll in enumerate(recipe.curriculum):
+            steps = cfg.steps // n + (1 if i < cfg.steps % n else 0)
+            phases.append((2, f"stage2-u{int(unroll)}", cfg.replace(steps=steps, warmup=min(cfg.warmup, steps)),
+                           int(unroll)))
+    return phases
+
+
 def train_hmt(recipe: HMTRecipe, resume: bool = True, accelerator=None) -> dict:
     """Run both stages (each resumable) and write ``<output_dir>/final``; return a summary.
 
@@ -132,36 +199,41 @@ def train_hmt(recipe: HMTRecipe, resume: bool = True, accelerator=None) -> dict:
     acc = accelerator or make_accelerator(recipe.device)
     device = acc.device
     backbone = _load_backbone(recipe, device)
-    corpora = _corpora(recipe, backbone.tokenizer, acc)
+    tokenizer = backbone.tokenizer
+    corpora = _corpora(recipe, tokenizer, acc)
     summary = {"recipe": "hmt", "backbone": recipe.backbone, "source": recipe.source, "data": recipe.data,
                "model": recipe.model, "processes": acc.num_processes, "device": str(device),
                "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+               "task": recipe.task, "carry_state": recipe.carry_state, "curriculum": list(recipe.curriculum),
                "stages": {}, "status": "completed"}
     init = None
     if recipe.init:
         from hiermem.models import released_weights
 
         init = released_weights(recipe.init) or Path(recipe.init)
-    stages = [(s, c, n) for s, c, n in ((1, recipe.stage1, STAGE1_SEGMENTS), (2, recipe.stage2, recipe.stage2_segments))
-              if c is not None]
-    for stage, cfg, segments in stages:
+    stages = _phases(recipe)
+    for stage, name, cfg, segments in stages:
         # a stage may inject adapters into its backbone: the next stage loads a fresh one
         model = _build_model(recipe, stage, init, backbone or _load_backbone(recipe, device))
         backbone = None
         seg = model.config.segment_length
         window = segments * seg
-        train, val = _loaders(recipe, corpora, window, cfg, acc)
+        train, val = _loaders(recipe, corpora, window, cfg, acc, tokenizer,
+                              far=seg + model.config.sensory_length)
         hparams = {"recipe": "hmt", "stage": stage, "segments": segments, "window_tokens": window,
                    "backbone": recipe.backbone, "source": recipe.source, "data": recipe.data,
-                   "straddle": recipe.straddle, "init": str(init) if init else None}
-        trainer = Trainer(model, cfg, train, val, output_dir=out / f"stage{stage}", hparams=hparams, accelerator=acc)
+                   "straddle": recipe.straddle, "carry_state": recipe.carry_state, "task": recipe.task,
+                   "init": str(init) if init else None}
+        trainer = Trainer(model, cfg, train, val, output_dir=out / name, hparams=hparams, accelerator=acc)
         log.info("HMT stage %d: %d steps on windows of %d segments x %d tokens", stage, cfg.steps, segments, seg)
         result = trainer.fit(resume=resume)
-        summary["stages"][f"stage{stage}"] = stage_summary = _stage_summary(result, cfg, segments, window)
+        summary["stages"][name] = stage_summary = _stage_summary(result, cfg, segments, window)
+        if trainer.state_trace:
+            stage_summary["carried_state_last"] = trainer.state_trace[-1]
         if result.status == "interrupted":
             summary.update(status="interrupted", signal=result.signal)
             break
-        init = out / "final" if stage == stages[-1][0] else out / f"stage{stage}" / "final"
+        init = out / "final" if name == stages[-1][1] else out / name / "final"
         stage_summary["weights_from_step"] = trainer.export(result, init)
         del trainer, model
     if summary["status"] == "completed":

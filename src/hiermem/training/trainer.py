@@ -159,6 +159,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.aux_weights = dict(getattr(model, "aux_weights", {}) or {})
         self.carried = None  # the model state carried across batches (carry_state)
+        self.state_trace: list[dict] = []  # carried-state statistics after each step of this run
         self._val_bytes: int | None = None  # UTF-8 bytes of this process's validation batches
         self._twin = sharded.meta_twin(model) if self.sharding else None  # writes the gathered weights
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
@@ -311,7 +312,8 @@ class Trainer:
         The objective is the summed NLL plus the weighted auxiliary losses scaled to the token
         count, so gradients stay token-weighted across micro-batches and processes.
         """
-        ids, reset = (batch.ids, batch.reset) if hasattr(batch, "reset") else (batch, None)
+        ids, reset = (batch.ids, batch.reset) if hasattr(batch, "reset") else (getattr(batch, "ids", batch), None)
+        labels = getattr(batch, "labels", None)  # task batches score some tokens only (e.g. an answer)
         kwargs = dict(self.forward_kwargs)
         if self.cfg.carry_state:
             if state is None or bool(reset.any()):  # a fresh state only where a document starts
@@ -319,16 +321,19 @@ class Trainer:
                 state = fresh if state is None else state.reset_rows(reset, fresh)
             kwargs["state"] = state
         with self.autocast():
-            out = module(ids, labels=ids, **kwargs)
+            out = module(ids, labels=ids if labels is None else labels, **kwargs)
         objective = out.loss.float() * out.num_tokens
         for name, value in (out.aux or {}).items():
             objective = objective + self.aux_weights.get(name, 1.0) * value.float() * out.num_tokens
         return out, objective
 
     def _count_bytes(self, batch) -> int:
-        """UTF-8 bytes of the text of the scored tokens (every token of a window but its first)."""
+        """UTF-8 bytes of the text of the scored tokens (every token of a window but its first); 0
+        for task batches, which score a few tokens only (no bits per byte then)."""
         from hiermem.tokenizers import segment_bytes
 
+        if hasattr(batch, "labels"):
+            return 0
         ids = batch.ids if hasattr(batch, "reset") else batch
         return sum(sum(segment_bytes(self.tokenizer, row, len(row))) for row in ids.tolist())
 
@@ -426,6 +431,9 @@ class Trainer:
             else:
                 result["ok"] = False
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.carry_state and self.carried is not None:  # e.g. memory slots used, evictions
+            result["state"] = {k: v for k, v in self.carried.stats().items()
+                               if isinstance(v, (int, float)) and k not in ("batch_size", "state_bytes")}
         if result["ok"]:
             result["loss"] = float(stats[0]) / tokens
             result["aux"] = {name: float(stats[4 + j]) / tokens for j, name in enumerate(names)}
@@ -533,6 +541,8 @@ class Trainer:
                     f"the loss or gradient was non-finite for {self.nonfinite_run} steps in a row (up to step "
                     f"{self.step}); training stopped. Last good checkpoint: {good or 'none'}. Lower the "
                     "learning rate, keep clipping on or use fp32, then resume from it")
+        if "state" in res:
+            self.state_trace.append({"step": self.step, **res["state"]})
         seconds, tokens = self._clock
         monitor.step(self.step, res, tokens / seconds if seconds else 0.0)
         if res["stop"]:
