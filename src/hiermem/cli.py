@@ -32,6 +32,9 @@ COMMANDS = {
     "serve": "hiermem.inference.server:serve",
     "quantize": "hiermem.inference.quantize:quantize",
     "tokenizer": "hiermem.cli:tokenizer_function",  # dispatches on the action (train)
+    "finetune": "hiermem.training.finetune:finetune",
+    "merge-lora": "hiermem.training.finetune:merge_lora_command",
+    "expand": "hiermem.models.hierarchos.expand:expand_command",
 }
 # commands whose target is a resolver taking the next positional word; the flag tells whether
 # that word is consumed (an action name) or stays an argument of the resolved function
@@ -227,6 +230,9 @@ _SUMMARIES = {
     "serve": "OpenAI-compatible HTTP server with per-session memory",
     "quantize": "int8 dynamic quantization of the backbone for CPU inference",
     "tokenizer": "train a SentencePiece (bpe/unigram/char/word) or byte tokenizer for from-scratch models",
+    "finetune": "LoRA fine-tuning of a from-scratch model on new text (adapters only are saved)",
+    "merge-lora": "fold LoRA adapters into their base model as plain weights",
+    "expand": "grow a trained hierarchos (wider C / manager / worker) keeping its exact function",
 }
 
 if __name__ == "__main__":

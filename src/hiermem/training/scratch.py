@@ -108,17 +108,24 @@ def build_model(model_type: str, options: dict, tokenizer):
     return model
 
 
-def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=None) -> dict:
+def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=None, model=None) -> dict:
     """Run the recipe (resumable) and write ``<output_dir>/final``; return a summary whose
-    ``status`` is "completed", "budget", "early_stopped" or "interrupted" (with ``signal``)."""
+    ``status`` is "completed", "budget", "early_stopped" or "interrupted" (with ``signal``).
+
+    model: train this model (with its ``.tokenizer``, e.g. one carrying LoRA adapters) instead of a
+    fresh one of ``recipe.model_type`` (fine-tuning); ``recipe.model`` and ``recipe.tokenizer`` are then unused."""
     from hiermem.data import StreamLoader, WindowLoader, build_corpus
 
     out = Path(recipe.output_dir)
     acc = accelerator or make_accelerator(recipe.device)
     cfg = recipe.training
-    tokenizer = _tokenizer(recipe, out, acc)
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
-    model = build_model(recipe.model_type, recipe.model, tokenizer).to(acc.device)
+    kind = "scratch" if model is None else "finetune"
+    if model is None:
+        tokenizer = _tokenizer(recipe, out, acc)
+        torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+        model = build_model(recipe.model_type, recipe.model, tokenizer)
+    tokenizer = model.tokenizer
+    model = model.to(acc.device)
     corpora = {}
     with acc.main_process_first():
         for split in ("train", "validation"):
@@ -147,7 +154,7 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
             val = make(corpora["validation"], batch)
         except DataError as exc:
             log.warning("no validation (%s)", exc)
-    hparams = {"recipe": "scratch", "model_type": recipe.model_type, "source": recipe.source, "data": recipe.data,
+    hparams = {"recipe": kind, "model_type": recipe.model_type, "source": recipe.source, "data": recipe.data,
                "window": recipe.window, "tokenizer": recipe.tokenizer, "straddle": recipe.straddle}
     trainer = Trainer(model, cfg, train, val, output_dir=out / "checkpoints", hparams=hparams, accelerator=acc,
                       tokenizer=tokenizer)
@@ -155,7 +162,7 @@ def train_from_scratch(recipe: ScratchRecipe, resume: bool = True, accelerator=N
     log.info("%s: %s parameters, windows of %d tokens, %s", recipe.model_type, f"{n_params:,}", recipe.window,
              "carried state" if cfg.carry_state else "independent windows")
     result = trainer.fit(resume=resume)
-    summary = {"recipe": "scratch", "model_type": recipe.model_type, "source": recipe.source, "parameters": n_params,
+    summary = {"recipe": kind, "model_type": recipe.model_type, "source": recipe.source, "parameters": n_params,
                "model": model.config.to_dict(), "train_config": cfg.to_dict(), "window": recipe.window,
                "status": result.status, "steps": result.step, "best_val_loss": result.best_metric,
                "best_step": result.best_step, "val_history": result.evaluations, "tokens": result.tokens,

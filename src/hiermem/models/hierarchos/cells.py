@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiermem.models.lora import linear_weight
+
 PP_INIT = -1e30  # log-scale of an empty WKV accumulator (exp(PP_INIT - anything) == 0)
 FFN_MULT = 4
 
@@ -60,12 +62,12 @@ class RWKVCell(nn.Module):
     def fused(self) -> tuple[torch.Tensor, ...]:
         """The step's weights: (ln1 w, ln1 b, ln2 w, ln2 b, u, w, W_tm (3H, 2H), W_o, W_cm (5H, 2H), W_vc)."""
         mix, mix_cm = self.mix, self.mix_cm
-        w_kvr = torch.stack([self.key.weight, self.value.weight, self.receptance.weight])  # (3, H, H)
+        w_kvr = torch.stack([linear_weight(m) for m in (self.key, self.value, self.receptance)])  # (3, H, H)
         w_tm = torch.cat([w_kvr * mix[:, None, :], w_kvr * (1 - mix)[:, None, :]], 2).flatten(0, 1)
-        w_kr = [self.key_cm.weight, self.receptance_cm.weight]
+        w_kr = [linear_weight(self.key_cm), linear_weight(self.receptance_cm)]  # LoRA deltas included
         w_cm = torch.cat([torch.cat([w * m, w * (1 - m)], 1) for w, m in zip(w_kr, mix_cm)])
         return (self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias, self.time_first,
-                -torch.exp(self.time_decay), w_tm, self.output.weight, w_cm, self.value_cm.weight)
+                -torch.exp(self.time_decay), w_tm, linear_weight(self.output), w_cm, linear_weight(self.value_cm))
 
 
 def cell_step(weights: tuple[torch.Tensor, ...], x: torch.Tensor, state: tuple[torch.Tensor, ...]):

@@ -39,6 +39,7 @@ from hiermem.models.hierarchos.cells import RWKVCell, cell_step
 from hiermem.models.hierarchos.config import RUNTIME_FIELDS, HierarchosConfig
 from hiermem.models.hierarchos.memory import LongTermMemory
 from hiermem.models.hierarchos.reasoning import ponder, refine
+from hiermem.models.lora import linear_weight
 from hiermem.models.state import ModelState, batch_field
 
 TRACE_KEYS = ("plan", "h_steps", "halt_probs", "ponder", "l_steps", "commitment", "ltm_index", "ltm_weight",
@@ -152,11 +153,12 @@ class Hierarchos(HiermemModel):
         st = state.to(dtype=x.dtype)
         P, stride, rho, clamp = c.persistent_dim, c.h_stride, 1.0 - c.ltm_forget, c.ltm_clamp
         mgr, wrk = self.manager.fused(), self.worker.fused()
-        w_in, w_l, w_q = self.in_proj.weight, self.l_input_proj.weight, self.qproj.weight
+        w_in, w_l, w_q = (linear_weight(m) for m in (self.in_proj, self.l_input_proj, self.qproj))  # LoRA included
         qx = x @ w_q[:, :C].t()  # (B, L, K): the token's share of the query, all tokens at once
         ex = x @ w_in[:, :C].t() + (w_in[:, C:C + P] @ self.persistent + self.in_proj.bias)  # (B, L, C)
         w_q_ctx, w_in_mem, w_l_enc, w_l_ctx = w_q[:, C:], w_in[:, C + P:], w_l[:, :C], w_l[:, C:]
-        w_drift, halt_w, halt_b = self.context_drift_proj.weight, self.h_halt_proj.weight[0], self.h_halt_proj.bias[0]
+        w_drift, halt_w = linear_weight(self.context_drift_proj), linear_weight(self.h_halt_proj)[0]
+        w_fb, halt_b = linear_weight(self.l_feedback_proj), self.h_halt_proj.bias[0]
         hs, ls = st.manager.unbind(1), st.worker.unbind(1)
         wout, prev, target, clock = st.worker_out, st.prev_context, st.target_context, st.clock
         fast, mom, stamp = st.ltm_fast.clone(), st.ltm_mom.clone(), st.ltm_time.clone()  # written in place
@@ -169,7 +171,7 @@ class Hierarchos(HiermemModel):
             idx, a, age, m, view = self.ltm.read(q, fast, stamp, now, rho)
             enc = F.gelu(ex[:, t] + view.flatten(1) @ w_in_mem.t()).clamp(-30.0, 30.0)
             # manager: one real step every token, a new goal (ACT pondering) at planning tokens
-            h_in = self.h_in_proj(enc) + wout @ self.l_feedback_proj.weight.t()
+            h_in = self.h_in_proj(enc) + wout @ w_fb.t()
             h_out, hs = cell_step(mgr, h_in, hs)
             phase = now % stride
             plan = phase == 0
