@@ -292,3 +292,18 @@ def test_empty_split_says_how_many_documents(tmp_path):
     other = next(s for s in ("train", "validation", "test") if s != split_of("one.txt"))
     with pytest.raises(DataError, match=f"split '{other}' of {path} is empty \\(1 documents in all\\)"):
         load_documents(str(path), other)
+
+
+def test_a_mix_of_sources_splits_each_part_on_its_own(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(20):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} document {i}")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for split in ("train", "validation", "test"):
+        mixed = load_documents(f"{a}+{b}", split)
+        assert [d.id for d in mixed] == [d.id for d in load_documents(a, split) + load_documents(b, split)]
+        assert {d.text.split()[0] for d in mixed} <= {"a", "b"}
+    assert len(load_documents(f"{a}+{b}", "all")) == 40
+    with pytest.raises(DataError):
+        load_documents(f"{a}+{tmp_path / 'missing'}", "train")

@@ -48,16 +48,29 @@ BIBLE_BOOKS = ["Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Josh
                "III John", "Jude", "Revelation of John"]
 
 
+def _web_module() -> str:
+    """The installed SWORD module of the World English Bible ("WEB" in older Debian releases,
+    "engWEB2015eb" in Debian 12)."""
+    res = subprocess.run(["diatheke", "-b", "system", "-k", "modulelist"], capture_output=True, text=True, timeout=60)
+    names = [line.split(" : ")[0].strip() for line in res.stdout.splitlines() if " : " in line]
+    found = [n for n in names if n == "WEB" or n.startswith("engWEB")]
+    if not found:
+        raise DataError("no World English Bible module is installed for diatheke: apt-get install sword-text-web")
+    return found[0]
+
+
 def bible_web() -> list[Document]:
     """World English Bible, one document per book, read through ``diatheke``."""
     if shutil.which("diatheke") is None:
         raise DataError("the 'bible-web' corpus needs Debian packages: apt-get install diatheke sword-text-web")
+    module = _web_module()
     docs = []
     for book in BIBLE_BOOKS:
-        res = subprocess.run(["diatheke", "-b", "WEB", "-k", book], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(["diatheke", "-b", module, "-f", "plain", "-k", book], capture_output=True, text=True,
+                             timeout=120)
         text = res.stdout.strip()
         if res.returncode != 0 or len(text) < 100:
-            raise DataError(f"diatheke could not read {book!r} from module WEB ({res.stderr.strip()[:200]}); "
+            raise DataError(f"diatheke could not read {book!r} from module {module} ({res.stderr.strip()[:200]}); "
                             "install it with: apt-get install sword-text-web")
         docs.append(Document(id=f"bible-web/{book}", text=text))
     return docs

@@ -13,7 +13,9 @@ Sources (``load_documents(source, ...)``):
 - ``hf:<name or local path>``: a Hugging Face ``datasets`` dataset (hub name from the local cache,
   a local data file or folder, or a folder written by ``save_to_disk``), with ``hf_config``,
   ``hf_split`` (slices such as ``train[:10%]``) and ``streaming``. Row ids index the un-sliced
-  split, so widening a slice keeps the ids (and the splits) of the rows already in it.
+  split, so widening a slice keeps the ids (and the splits) of the rows already in it;
+- a mix ``a+b+...`` of any of these (e.g. ``shakespeare+bible-web+python-docs``): each part is split
+  on its own and the chosen splits are concatenated.
 """
 
 from __future__ import annotations
@@ -312,6 +314,13 @@ def load_documents(source: str, split: str = "train", *, text_column: str = "tex
         raise ConfigError(f"prompt_column/completion_column apply to table or hf: sources, not {source!r}")
     if source in CORPORA:
         return select_split(corpus(source), split, source=source, **options)
+    parts = source.split("+")
+    if len(parts) > 1 and all(parts) and not Path(source).expanduser().exists():  # a mix: each part split alone
+        return [doc for part in parts for doc in load_documents(
+            part, split, text_column=text_column, prompt_column=prompt_column, completion_column=completion_column,
+            hf_config=hf_config, hf_split=hf_split, streaming=streaming, validation_fraction=validation_fraction,
+            test_fraction=test_fraction, split_files=split_files, id_column=id_column,
+            prompt_separator=prompt_separator)]
     path = Path(source).expanduser()
     if path.is_dir():
         files = text_files(path)
