@@ -307,3 +307,18 @@ def test_a_mix_of_sources_splits_each_part_on_its_own(tmp_path):
     assert len(load_documents(f"{a}+{b}", "all")) == 40
     with pytest.raises(DataError):
         load_documents(f"{a}+{tmp_path / 'missing'}", "train")
+
+
+def test_a_mix_is_tokenised_and_cached_like_any_source(tmp_path):
+    from hiermem.data import build_corpus
+    from tiny import tiny_tokenizer
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} document {i} " * 5)
+    source = f"{tmp_path / 'a'}+{tmp_path / 'b'}"
+    first = build_corpus(source, tiny_tokenizer(), split="all", cache_root=tmp_path / "cache")
+    again = build_corpus(source, tiny_tokenizer(), split="all", cache_root=tmp_path / "cache")
+    assert len(first) == len(again) == 12 and first.num_tokens == again.num_tokens
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the second call reused the cache

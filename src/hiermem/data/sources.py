@@ -210,6 +210,10 @@ def source_files(source: str) -> list[Path] | None:
     if source.startswith("hf:") or source in CORPORA:
         return None
     path = Path(source).expanduser()
+    parts = source.split("+")
+    if len(parts) > 1 and all(parts) and not path.exists():  # a mix: its parts' files, unless one has none
+        files = [source_files(part) for part in parts]
+        return None if any(f is None for f in files) else [p for f in files for p in f]
     if path.is_dir():
         return [p for _, p in text_files(path)]
     if path.is_file():
@@ -219,7 +223,7 @@ def source_files(source: str) -> list[Path] | None:
 
 def _not_found(source: str) -> str:
     return (f"data source {source!r} not found: it is not a file or folder, not a built-in corpus "
-            f"({', '.join(CORPORA)}), and not hf:<dataset>")
+            f"({', '.join(CORPORA)}), not hf:<dataset> and not a mix of those joined by '+'")
 
 
 def _parse_hf_split(spec: str) -> tuple[str, str | None]:

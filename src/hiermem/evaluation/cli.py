@@ -54,10 +54,11 @@ def _check_args(spec, methods, tasks) -> tuple[list[str], list[str]]:
 
 def default_split(source: str) -> str:
     """The split evaluated unless one is asked for: a built-in corpus's held-out test split; all of
-    the user's own documents (a file, folder, table or hf: dataset)."""
+    the user's own documents (a file, folder, table or hf: dataset). A mix of built-in corpora
+    (``a+b``) is a built-in corpus."""
     from hiermem.data.corpora import CORPORA
 
-    return "test" if source in CORPORA else "all"
+    return "test" if all(part in CORPORA for part in source.split("+")) else "all"
 
 
 def evaluate(checkpoint: str | None = None, backbone: str | None = None, source: str = "shakespeare",
