@@ -46,7 +46,8 @@ class ModelOutput:
     loss: mean NLL of the scored tokens (None without labels); nll_sum, num_tokens: its parts.
     aux: named auxiliary losses (unweighted; the model's ``aux_weights`` weight them in training).
     logits (B, T, V) / token_nll (B, T-1): only when asked for; last_logits (B, V): prediction of
-    the token after the input. state: the state after reading the input.
+    the token after the input. state: the state after reading the input. hidden (B, T, d): final
+    hidden states, from models that offer them when asked (HMST's ``return_hidden``).
     """
 
     loss: torch.Tensor | None
@@ -57,6 +58,7 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     token_nll: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

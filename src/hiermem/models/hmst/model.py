@@ -177,11 +177,12 @@ class HMST(HiermemModel):
         return self.head(h) if self.head is not None else F.linear(h, self.embedding.weight)
 
     def forward(self, input_ids: torch.Tensor, state: HMSTState | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool = True, return_token_nll: bool = False) -> ModelOutput:
+                return_logits: bool = True, return_token_nll: bool = False, return_hidden: bool = False) -> ModelOutput:
         """Read input_ids (B, T) after ``state`` (empty when None).
 
         labels (B, T): HF convention (shifted inside, -100 ignored). Without return_logits, labels
         and token NLL only the last position's logits are made (generation, reading).
+        return_hidden: also return the final (normed) hidden states (B, T, d) as ``out.hidden``.
         """
         state = self.checked_state(input_ids, state, labels)
         B, T = input_ids.shape
@@ -207,5 +208,8 @@ class HMST(HiermemModel):
             tokens=state.tokens + T)
         aux = {"balance": torch.stack(balance).mean(), "router_z": torch.stack(z).mean()}
         if return_logits or labels is not None or return_token_nll:
-            return lm_output(self.logits(h), input_ids, labels, new_state, return_logits, return_token_nll, aux)
-        return ModelOutput(loss=None, state=new_state, aux=aux, last_logits=self.logits(h[:, -1]))
+            out = lm_output(self.logits(h), input_ids, labels, new_state, return_logits, return_token_nll, aux)
+        else:
+            out = ModelOutput(loss=None, state=new_state, aux=aux, last_logits=self.logits(h[:, -1]))
+        out.hidden = h if return_hidden else None
+        return out
