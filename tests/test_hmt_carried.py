@@ -60,7 +60,8 @@ def test_carried_validation_reads_documents_in_order():
 def test_curriculum_phases_split_stage2():
     from hiermem.training.config import TrainConfig
 
-    recipe = HMTRecipe(output_dir="x", stage1=TrainConfig(steps=4), stage2=TrainConfig(steps=10, warmup=5),
+    recipe = HMTRecipe(output_dir="x", stage1=TrainConfig(steps=4, trainable="lora"),
+                       stage2=TrainConfig(steps=10, warmup=5),
                        curriculum=[3, 6, 12], carry_state=True)
     recipe.validate()
     phases = _phases(recipe)
@@ -83,3 +84,18 @@ def test_carried_recipe_refuses_what_it_cannot_do(bad, match):
                        **bad)
     with pytest.raises(ConfigError, match=match):
         recipe.validate()
+
+
+def test_carried_stage1_with_a_frozen_backbone_is_refused():
+    """Over a carried memory stage 1's P_n = m_{n-1} involves no memory parameter: nothing to train."""
+    from hiermem.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="nothing to train"):
+        HMTRecipe(output_dir="x", carry_state=True, stage1=TrainConfig(batch_size=1),
+                  stage2=TrainConfig(batch_size=1)).validate()
+    HMTRecipe(output_dir="x", carry_state=True, stage1=None, stage2=TrainConfig(batch_size=1)).validate()
+    model = make_model(stage=1, cache_size=5)
+    trainer = Trainer(model, config(steps=3, batch_size=1, carry_state=True, eval_every=0, save_every=0),
+                      *streams())
+    with pytest.raises(ConfigError, match="does not depend on any trainable parameter"):
+        trainer.fit()

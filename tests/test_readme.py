@@ -77,6 +77,7 @@ SIZES = {
     ("generate",): ["--max-new-tokens", "8"],
     ("chat",): ["--max-new-tokens", "8"],
 }
+KEPT = {"--batch-size"}  # stand-in sizes that do not override the README's own value
 STDIN = {("chat",): "Hello there\n/stats\n/save\n/quit\n"}  # what interactive commands read
 LONG_RUNNING = {("serve",)}  # run until stopped: started in the background
 PORT = re.compile(r"(--port[ =]|(?:127\.0\.0\.1|localhost):)(\d{2,5})\b")
@@ -286,6 +287,8 @@ class Runner:
             return words
         known, extra, sizes = self.options("hiermem", words), [], SIZES[key]
         for i, flag in enumerate(sizes):
+            if flag in KEPT and flag in words:
+                continue  # the README's own choice stands (e.g. --batch-size 1 with --carry-state)
             if flag.startswith("--") and flag in known:
                 values = [v for v in sizes[i + 1:i + 2] if not v.startswith("--")]
                 extra += [flag, *values]

@@ -95,6 +95,13 @@ class HMTRecipe:
         if self.carry_state and max(batch) > 1:
             raise ConfigError("with --carry-state HMT reads one document per process (the memory bank's slot "
                               "count is shared by a batch's rows): use --batch-size 1 and --grad-accum N")
+        frozen = (self.stage1 is not None and self.stage1.trainable in ("default", "memory")
+                  and self.model.get("memory_projection", "none") == "none")
+        if self.carry_state and frozen:
+            raise ConfigError("stage 1 with --carry-state and a frozen backbone has nothing to train: its only "
+                              "memory parameter, the initial memory, is read at a document's first segment and "
+                              "the carried memory replaces it after that. Use --trainable lora (or full), a "
+                              "--memory-projection, or --stage1-steps 0")
         if self.model.get("stage") is not None:
             raise ConfigError("the HMT recipe sets the stage itself; leave 'stage' out of the model options")
 

@@ -398,6 +398,10 @@ class Trainer:
                 if out.num_tokens == 0:
                     raise ConfigError(f"no token is scored: loss_skip_segments={cfg.loss_skip_segments} leaves "
                                       "out every segment of the window; lower it or use longer windows")
+                if not objective.requires_grad:
+                    raise ConfigError("the loss does not depend on any trainable parameter in this batch (e.g. "
+                                      "HMT stage 1 over a carried memory with a frozen backbone); train more "
+                                      "parameters (--trainable lora) or change the recipe")
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             if cfg.carry_state:
                 self.carried = out.state.detach()  # truncated BPTT at the window boundary
