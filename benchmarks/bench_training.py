@@ -8,9 +8,6 @@ Configuration of DESIGN.md's table: bundled SmolLM2-135M (fp32), frozen backbone
   token-weighted loss) over ``hiermem.data.WindowLoader`` windows of the Shakespeare train split;
 - ``manual``: the bare step, ``model(ids, labels=ids).loss.backward()`` + AdamW, as a reference.
 
-The public HMT code: 76 / 77 tok/s of *window* tokens (5.9 / 11.6 s per step) with the loss on the
-last segment only, i.e. 37.6 / 19.1 *supervised* tok/s. Target: >= 3x.
-
     python benchmarks/bench_training.py
     python benchmarks/bench_training.py --segments 2 --steps 3 --loops manual   # quick
 """
@@ -33,13 +30,7 @@ from common import (RssPeak, benchmark_tokens, machine, markdown_table, pick_dev
 
 # the public code's configuration: 256 backbone positions per segment = 222 + 32 sensory + 2 memory, no BOS
 HMT_CONFIG = dict(segment_length=222, sensory_length=32, cache_size=300, stage=2, eviction="fifo", segment_bos=False)
-PUBLIC = {2: {"window_tok_s": 76.0, "step_s": 5.9}, 4: {"window_tok_s": 77.0, "step_s": 11.6}}
 LOOPS = ("trainer", "manual")
-
-
-def public_supervised(segments: int) -> float:
-    """The public code's supervised tokens per second: one segment's 222 tokens per step."""
-    return HMT_CONFIG["segment_length"] / PUBLIC[segments]["step_s"]
 
 
 def manual_steps(model, windows: list[torch.Tensor], device) -> tuple[float, int]:
@@ -104,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--loop", choices=LOOPS, help="(worker) trainer or manual")
-    p.add_argument("--segments", nargs="*", type=int, default=[2, 4], choices=sorted(PUBLIC))
+    p.add_argument("--segments", nargs="*", type=int, default=[2, 4], help="segments per training window")
     p.add_argument("--loops", nargs="*", default=list(LOOPS), choices=LOOPS)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
@@ -112,6 +103,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args()
+    if not args.segments or min(args.segments) < 1:
+        p.error(f"--segments takes one or more numbers >= 1, got {args.segments}")
     if args.worker:
         args.segments = args.segments[0]
         return worker(args)
@@ -127,26 +120,19 @@ def main() -> None:
                              args.timeout)
             row = {"loop": loop, "segments": seg, **res}
             if "supervised_tok_s" in res:
-                row["x_public_window_tok_s"] = round(res["supervised_tok_s"] / PUBLIC[seg]["window_tok_s"], 2)
-                row["x_public_supervised_tok_s"] = round(res["supervised_tok_s"] / public_supervised(seg), 2)
                 lines.append(f"{seg} segments, {loop}: {res['supervised_tok_s']:.0f} supervised tok/s "
-                             f"({res['step_s']:.1f} s/step) = {row['x_public_supervised_tok_s']:.1f}x the public "
-                             f"code's supervised {public_supervised(seg):.1f} tok/s (target >= 3: "
-                             f"{'met' if row['x_public_supervised_tok_s'] >= 3 else 'MISSED'}), "
-                             f"{row['x_public_window_tok_s']:.2f}x its {PUBLIC[seg]['window_tok_s']:.0f} window tok/s")
+                             f"({res['step_s']:.1f} s/step)")
             rows.append(row)
             print(lines[-1] if "supervised_tok_s" in res else f"{seg} segments, {loop}: {res['error']}", flush=True)
     table = markdown_table(
-        ["loop", "segments", "supervised tok/s", "s/step", "x public supervised", "x public window tok/s",
-         "RSS growth (MB)"],
+        ["loop", "segments", "supervised tok/s", "s/step", "RSS growth (MB)"],
         [[r["loop"], r["segments"], r.get("supervised_tok_s", r.get("error")), r.get("step_s", "-"),
-          r.get("x_public_supervised_tok_s", "-"), r.get("x_public_window_tok_s", "-"), r.get("rss_growth_mb", "-")]
-         for r in rows])
+          r.get("rss_growth_mb", "-")] for r in rows])
     md = (f"# Training throughput: HMT, frozen backbone\n\n`{info['command']}`\n\nMachine: {info['cpu']}, "
           f"{info['cores']} cores, {info['torch_threads']} torch threads, {info.get('gpu', info['device'])}; torch "
           f"{info['torch']}. Load average at start: {info['load_average']}.\n\nHMT: {HMT_CONFIG}; batch 1; loss on "
           "every token of every segment.\n\n" + table + "\n" + "\n".join(f"- {ln}" for ln in lines) + "\n")
-    paths = write_results("training", {"machine": info, "hmt_config": HMT_CONFIG, "public": PUBLIC, "rows": rows}, md)
+    paths = write_results("training", {"machine": info, "hmt_config": HMT_CONFIG, "rows": rows}, md)
     print("wrote " + ", ".join(str(x) for x in paths))
 
 

@@ -221,7 +221,7 @@ def _dispatch_help(command: str) -> str:
 
 _SUMMARIES = {
     "info": "versions, device, available backbones and corpora",
-    "demo": "the main job on bundled defaults: HMT vs the plain backbone on a long document",
+    "demo": "the main job on bundled defaults: HMT vs the backbone on chunks and a sliding window, with costs",
     "train": "train a model: HMT's two-stage recipe, or any other family from scratch",
     "eval": "long-document perplexity against baselines, recall tasks, memory diagnostics",
     "compare": "model families side by side: same text, same training budget, bits per byte",
