@@ -83,6 +83,8 @@ class Session:
         self.history_turns, self.history_bytes = history_turns, history_bytes
         self.id = session_id
         self.pending = None  # (1, c) tokens of the segment in progress, restored but not yet re-read
+        self.learning = None  # online learning hooks (models whose state learns), see online.py
+        self.answer_from = None  # time of the last answer's first token (online learning's /bad)
         self.lock = asyncio.Lock()  # the server serialises requests of one session with it
         self.pins = 0  # requests using or waiting for this session (never evicted while > 0)
         self.last_used = time.monotonic()
@@ -191,6 +193,8 @@ class Session:
         after every token. The decoder ends holding prompt + every generated token.
         """
         self.ready()
+        if self.learning is not None:
+            self.learning.begin(self)  # this turn's step size of the memory's update
         ids = encode(tokenizer, prompt, self.model.device)  # (1, T)
         decode = text_decoder(tokenizer)
         stream = TextStream(decode, cfg.stop_strings) if on_text is not None else None
@@ -210,7 +214,10 @@ class Session:
                 on_text(tail)
         self.reply_read = tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=False) if as_chat else None
         self.touch()
-        return Reply(out.text[0], out.finish_reason, ids.shape[1], out.tokens.shape[1])
+        reply = Reply(out.text[0], out.finish_reason, ids.shape[1], out.tokens.shape[1])
+        if self.learning is not None:
+            self.learning.end(self, reply)
+        return reply
 
     def save(self, path: str | Path) -> None:
         """Write the session to one safetensors file, atomically."""
@@ -287,6 +294,7 @@ class SessionStore:
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.learning = None  # online learning given to every session (models whose state learns)
         self.lock = threading.RLock()
         self._swept = float("-inf")  # when the folder was last swept for expired files
 
@@ -351,6 +359,7 @@ class SessionStore:
                 session = Session(self.model, session_id=key, **self.limits)
                 self.sessions[key] = session
             self.sessions.move_to_end(key)
+            session.learning = self.learning
             session.pins += 1
             return session
 

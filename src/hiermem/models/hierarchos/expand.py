@@ -178,7 +178,8 @@ def expand_state(state: HierarchosState, small: HierarchosConfig, big: Hierarcho
         manager=_rep(state.manager, 2, kh), worker=_rep(state.worker, 2, kl),
         worker_out=_rep(state.worker_out, 1, kl), prev_context=_rep(state.prev_context, 1, kc),
         target_context=_rep(state.target_context, 1, kc), ltm_fast=state.ltm_fast, ltm_mom=state.ltm_mom,
-        ltm_time=state.ltm_time, clock=state.clock, tokens=state.tokens)
+        ltm_time=state.ltm_time, clock=state.clock, tokens=state.tokens,
+        ltm_lr=state.ltm_lr, ltm_steps=state.ltm_steps)
 
 
 def expand_command(model: str | None = None, output: str | None = None, context_dim: int | None = None,

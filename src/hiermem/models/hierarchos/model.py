@@ -27,6 +27,7 @@ touches k slots per token; the vocabulary projection runs once after the loop.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,7 +53,9 @@ class HierarchosState(ModelState):
     worker_out (B, l_hidden): the last real worker output; prev_context, target_context (B, C);
     ltm_fast, ltm_mom (B, S, V): fast values and momentum of each slot as of its last write;
     ltm_time (B, S) long: time of that write (-1 = never); clock (B,) long: tokens each row has
-    read since it was fresh; tokens: tokens read through this state."""
+    read since it was fresh; tokens: tokens read through this state. Online learning (chat):
+    ltm_lr (B,) or None: the surprise update's step size for the tokens that follow (None: the
+    config's ltm_lr); ltm_steps: learning-rate schedule steps taken (chat turns learnt)."""
 
     KIND: ClassVar[str] = "hierarchos-state"
     manager: torch.Tensor = batch_field(0)
@@ -65,6 +68,8 @@ class HierarchosState(ModelState):
     ltm_time: torch.Tensor = batch_field(0)
     clock: torch.Tensor = batch_field(0)
     tokens: int = 0
+    ltm_lr: torch.Tensor | None = batch_field(0, default=None)
+    ltm_steps: int = 0
 
     def stats(self) -> dict:
         """Adds the memory's written slots, the norm of its stored fast values and the longest clock."""
@@ -144,6 +149,24 @@ class Hierarchos(HiermemModel):
         return LongTermMemory.dense(state.ltm_fast, state.ltm_mom, state.ltm_time, state.clock,
                                     c.ltm_momentum, 1.0 - c.ltm_forget)
 
+    # --- online learning (chat) -------------------------------------------------------------
+    LTM_FIELDS: ClassVar[tuple[str, ...]] = ("ltm_fast", "ltm_mom", "ltm_time", "clock")  # what it learnt
+
+    def with_ltm_lr(self, state: HierarchosState, lr: float, steps: int | None = None) -> HierarchosState:
+        """``state`` whose next tokens update the memory with step size ``lr`` (every row);
+        ``steps``: the schedule steps to record (unchanged when None)."""
+        rows = torch.full((state.batch_size,), float(lr), dtype=state.ltm_fast.dtype, device=state.ltm_fast.device)
+        return dataclasses.replace(state, ltm_lr=rows, ltm_steps=state.ltm_steps if steps is None else steps)
+
+    def weaken_ltm(self, state: HierarchosState, since: int, scale: float) -> tuple[HierarchosState, int]:
+        """Negative feedback: the slots read (hence written) at or after time ``since`` keep
+        ``scale`` x their fast values (what was learnt in them) and lose their momentum.
+        Returns (the new state, the number of slots weakened)."""
+        hit = state.ltm_time >= since  # (B, S)
+        keep = torch.where(hit, scale, 1.0).to(state.ltm_fast.dtype)[..., None]
+        mom = state.ltm_mom.masked_fill(hit[..., None], 0.0)
+        return dataclasses.replace(state, ltm_fast=state.ltm_fast * keep, ltm_mom=mom), int(hit.sum())
+
     # --- the recurrence ---------------------------------------------------------------------
     def recur(self, x: torch.Tensor, state: HierarchosState, trace: bool = False):
         """Read embeddings x (B, L, C) after ``state``. Returns (features (B, L, C), new state,
@@ -162,6 +185,7 @@ class Hierarchos(HiermemModel):
         hs, ls = st.manager.unbind(1), st.worker.unbind(1)
         wout, prev, target, clock = st.worker_out, st.prev_context, st.target_context, st.clock
         fast, mom, stamp = st.ltm_fast.clone(), st.ltm_mom.clone(), st.ltm_time.clone()  # written in place
+        lr = c.ltm_lr if st.ltm_lr is None else st.ltm_lr[:, None, None]  # a row's own step size (chat)
         feats, commits = [], []
         ponder_sum, plans = x.new_zeros(()), 0
         rec = {k: [] for k in TRACE_KEYS} if trace else None
@@ -195,7 +219,7 @@ class Hierarchos(HiermemModel):
             feat = enc + self.l_to_out(wout)
             # the memory learns from the token (surprise step, closed form)
             v = self.val_proj(feat).clamp(-clamp, clamp)
-            r = LongTermMemory.write(fast, mom, stamp, idx, a, age, m, v, now, c.ltm_lr, c.ltm_momentum, rho, clamp)
+            r = LongTermMemory.write(fast, mom, stamp, idx, a, age, m, v, now, lr, c.ltm_momentum, rho, clamp)
             feats.append(feat)
             commits.append(commit)
             if trace:
@@ -204,7 +228,7 @@ class Hierarchos(HiermemModel):
         new_state = HierarchosState(
             manager=torch.stack(hs, 1), worker=torch.stack(ls, 1), worker_out=wout, prev_context=prev,
             target_context=target, ltm_fast=fast, ltm_mom=mom, ltm_time=stamp, clock=clock + L,
-            tokens=state.tokens + L)
+            tokens=state.tokens + L, ltm_lr=state.ltm_lr, ltm_steps=state.ltm_steps)
         aux = {"ponder": ponder_sum / max(plans, 1), "commitment": torch.stack(commits, 1).mean()}
         traced = {k: torch.stack(v, 1) for k, v in rec.items()} if trace else None
         return torch.stack(feats, 1), new_state, aux, traced
