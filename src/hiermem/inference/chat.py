@@ -115,7 +115,8 @@ def chat(model: str | None = None, session: str | None = None, system: str | Non
         where = f", learnt memory {ltm_state}"
         if Path(ltm_state).exists():
             learning.load_ltm(state, ltm_state)
-            restored = f" (restored: {state.decoder.state.ltm_steps} turns learnt)"
+            n = state.decoder.state.ltm_steps
+            restored = f" (restored: {n} turn{'' if n == 1 else 's'} learnt)"
     runner = ReplyRunner()
     print(f"hiermem chat{where}{restored}. /help for commands, /quit to leave.", flush=True)
 
