@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
-from common import RssPeak, machine, markdown_table, print_header, run_worker, write_results  # noqa: E402
+from common import (RssPeak, lm_read, lm_train_step, machine, markdown_table, print_header, run_worker,  # noqa: E402
+                    write_results)
 from hierarchos_reference import naive_forward  # noqa: E402
 
 from hiermem.inference.generate import GenerationConfig, generate  # noqa: E402
@@ -78,24 +78,11 @@ def naive_state(model, start: HierarchosState, finals: list[dict], n: int) -> Hi
 
 
 def train_step(model, opt, ids, naive: bool) -> None:
-    if naive:
-        logits = naive_forward(model, ids)[0]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    else:
-        out = model(ids, labels=ids, return_logits=False)
-        loss = out.loss + sum(w * out.aux[k] for k, w in model.aux_weights.items())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    lm_train_step(model, opt, ids, naive_forward if naive else None)
 
 
-@torch.no_grad()
 def read(model, ids, naive: bool) -> None:
-    if naive:
-        logits = naive_forward(model, ids)[0]
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    else:
-        model(ids, labels=ids, return_logits=False)
+    lm_read(model, ids, naive_forward if naive else None)
 
 
 @torch.no_grad()

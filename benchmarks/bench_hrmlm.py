@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
-from common import machine, markdown_table, print_header, write_results  # noqa: E402
+from common import lm_read, lm_train_step, machine, markdown_table, print_header, write_results  # noqa: E402
 from hrmlm_reference import naive_forward  # noqa: E402
 
 from hiermem.inference.generate import GenerationConfig, generate  # noqa: E402
@@ -52,23 +51,11 @@ def build(**changes) -> HRMLM:
 
 
 def train_step(model, opt, ids, naive: bool) -> None:
-    if naive:
-        logits = naive_forward(model, ids)[0]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    else:
-        loss = model(ids, labels=ids, return_logits=False).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    lm_train_step(model, opt, ids, naive_forward if naive else None)
 
 
-@torch.no_grad()
 def read(model, ids, naive: bool) -> None:
-    if naive:
-        logits = naive_forward(model, ids)[0]
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    else:
-        model(ids, labels=ids, return_logits=False)
+    lm_read(model, ids, naive_forward if naive else None)
 
 
 @torch.no_grad()

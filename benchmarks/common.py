@@ -107,6 +107,35 @@ class RssPeak:
         return out
 
 
+def lm_train_step(model, opt, ids: torch.Tensor, naive_forward=None) -> None:
+    """One optimizer step on the LM loss of ``ids`` (B, T): through ``naive_forward(model, ids)``
+    (a reference loop whose first output is the logits) when given, else the model's own forward
+    with its auxiliary losses weighted."""
+    import torch.nn.functional as F
+
+    if naive_forward is not None:
+        logits = naive_forward(model, ids)[0]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    else:
+        out = model(ids, labels=ids, return_logits=False)
+        loss = out.loss + sum(w * out.aux[k] for k, w in model.aux_weights.items() if k in (out.aux or {}))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def lm_read(model, ids: torch.Tensor, naive_forward=None) -> None:
+    """Read ``ids`` (B, T) and compute the LM loss, without gradients (same two paths)."""
+    import torch.nn.functional as F
+
+    if naive_forward is not None:
+        logits = naive_forward(model, ids)[0]
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    else:
+        model(ids, labels=ids, return_logits=False)
+
+
 def benchmark_tokens(tokenizer, n: int, source: str = "shakespeare", split: str = "test") -> torch.Tensor:
     """The first ``n`` tokens of the documents of ``split`` of ``source``, in order, joined by blank lines
     (one play for short runs; several plays for 64k tokens)."""
