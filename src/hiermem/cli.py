@@ -228,7 +228,7 @@ _SUMMARIES = {
     "generate": "generate text with memory (prompts longer than the window are fine)",
     "chat": "interactive chat with memory that persists across turns and runs",
     "serve": "OpenAI-compatible HTTP server with per-session memory",
-    "quantize": "int8 dynamic quantization of the backbone for CPU inference",
+    "quantize": "quantize for CPU inference: int8 HMT backbones, q8_0/q4_0/int4 from-scratch weights",
     "tokenizer": "train a SentencePiece (bpe/unigram/char/word) or byte tokenizer for from-scratch models",
     "finetune": "LoRA fine-tuning of a from-scratch model on new text (adapters only are saved)",
     "merge-lora": "fold LoRA adapters into their base model as plain weights",

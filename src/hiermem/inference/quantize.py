@@ -30,6 +30,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -252,16 +253,22 @@ def is_quantized(folder: str | Path) -> bool:
 
 
 def load_quantized(folder: str | Path, **overrides):
-    """HMT with an int8 backbone on CPU (``.tokenizer`` set) from a folder written by :func:`save_quantized`."""
+    """HMT with an int8 backbone on CPU (``.tokenizer`` set) from a folder written by :func:`save_quantized`,
+    or a weight-only quantized from-scratch model (:mod:`hiermem.inference.quantize_weights`)."""
+    from hiermem.inference import quantize_weights
+
+    folder = Path(folder)
+    info = read_json(folder / MARKER)
+    if info.get("scheme") == quantize_weights.SCHEME:  # a from-scratch family, weight-only q8_0 / q4_0 / int4
+        return quantize_weights.load_weight_quantized(folder, **overrides)
+    if info.get("scheme") != SCHEME:
+        raise CheckpointError(f"{folder}: unknown quantization scheme {info.get('scheme')!r} (expected {SCHEME} "
+                              f"or {quantize_weights.SCHEME})")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     from hiermem.backbones import freeze
 
-    folder = Path(folder)
-    info = read_json(folder / MARKER)
-    if info.get("scheme") != SCHEME:
-        raise CheckpointError(f"{folder}: unknown quantization scheme {info.get('scheme')!r} (expected {SCHEME})")
     sub = folder / "backbone"
     tensors, meta = load_tensors(sub / WEIGHTS)
     if meta.get("kind") != "hiermem-int8":
@@ -286,18 +293,24 @@ def load_quantized(folder: str | Path, **overrides):
     return spec.model_class().from_pretrained(folder, backbone=bb, **overrides).eval()
 
 
-def quantize(output: str, model: str | None = None, include_head: bool = True,
-             keep_float: list[str] | None = None, smooth: bool = True, alpha: float = 0.8,
-             calibration_file: str | None = None) -> int:
-    """Quantize a model's backbone to int8 (dynamic, per-channel) for CPU inference and save it.
+def quantize(output: str, model: str | None = None, format: Literal["int8", "q8_0", "q4_0", "int4"] | None = None,
+             include_head: bool = True, keep_float: list[str] | None = None, smooth: bool = True,
+             alpha: float = 0.8, calibration_file: str | None = None) -> int:
+    """Quantize a model for CPU inference and save it: an HMT's backbone to int8 (dynamic,
+    per-channel), a from-scratch model's weights to q8_0, q4_0 or int4 (weight-only, groups of 32).
 
     The folder written loads anywhere a model is taken (`hiermem generate --model FOLDER`, chat,
-    serve). `benchmarks/bench_quantize.py` measures the speed, memory and perplexity trade-off.
+    serve). `benchmarks/bench_quantize.py` (HMT) and `benchmarks/bench_quantize_weights.py`
+    (from-scratch) measure the speed, size and quality trade-off.
 
     Args:
         output: folder to write the quantized model to
         model: checkpoint folder or released weights name (default: the bundled default model)
-        include_head: quantize the LM head too (faster, slightly less accurate)
+        format: int8 (HMT checkpoints, their default); q8_0, q4_0 or int4 (from-scratch models, default
+            q8_0): 8 or 4 bits per weight with one fp16 scale per 32 weights (int4 adds a per-group minimum)
+        include_head: quantize the LM head too (from-scratch models: the embedding tables and output heads;
+            on the released ones it costs at most 0.005 bpb more than leaving them in float and makes the
+            file 2-4x smaller)
         keep_float: name fragments of linear layers left in float (default: down_proj fc2, the MLP output
             projections); give the flag with no value to quantize every linear layer
         smooth: move activation outliers into the weights first (SmoothQuant, Llama-style backbones)
@@ -305,11 +318,16 @@ def quantize(output: str, model: str | None = None, include_head: bool = True,
         calibration_file: text to measure activations on for smoothing (default: built-in English prose)
     """
     from hiermem.inference.runtime import load_for_inference
-    from hiermem.models import model_folder
+    from hiermem.models import folder_model_type, model_folder, model_spec
 
     folder = model_folder(model)
     if folder is not None and is_quantized(folder):
         raise ConfigError(f"{folder} is already quantized")
+    if folder is not None and not model_spec(folder_model_type(folder)).pretrained_backbone:
+        return _quantize_scratch(output, model, format or "q8_0", include_head, keep_float)
+    if format not in (None, "int8"):
+        raise ConfigError(f"format {format} is for from-scratch models; an HMT backbone quantizes to int8 "
+                          "(omit --format)")
     hmt, tokenizer = load_for_inference(model, device="cpu", dtype="float32")
     before = sum(p.numel() * p.element_size() for p in hmt.backbone.parameters())  # tied weights once
     if not 0.0 <= alpha <= 1.0:
@@ -332,4 +350,22 @@ def quantize(output: str, model: str | None = None, include_head: bool = True,
     total = sum(isinstance(m, _dynamic_linear_cls()) or isinstance(m, nn.Linear) for m in hmt.backbone.modules())
     print(f"quantized {len(names)} of {total} linear layers to int8 -> {out}")
     print(f"backbone weights: {before / 2**20:.1f} MiB fp32 -> {after / 2**20:.1f} MiB int8 file")
+    return 0
+
+
+def _quantize_scratch(output: str, model: str, fmt: str, include_head: bool, keep_float) -> int:
+    """``hiermem quantize`` for a from-scratch model (weight-only, :mod:`hiermem.inference.quantize_weights`)."""
+    from hiermem.inference.quantize_weights import FORMATS, quantize_folder
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt} is the HMT backbone's dynamic int8; a from-scratch model quantizes to "
+                          f"{', '.join(FORMATS)}")
+    if keep_float is not None:
+        raise ConfigError("--keep-float applies to HMT backbones; from-scratch models keep embeddings and heads "
+                          "in float unless --include-head")
+    q, names, before, after = quantize_folder(model, output, fmt, include_head)
+    size = sum(p.stat().st_size for p in Path(output).glob("*.safetensors"))
+    print(f"quantized {len(names)} weights of this {q.config.model_type} to {fmt} -> {output}")
+    print(f"quantized weights: {before / 2**20:.2f} MiB fp32 -> {after / 2**20:.2f} MiB {fmt}; "
+          f"weights file {size / 2**20:.2f} MiB")
     return 0
