@@ -48,3 +48,27 @@ def test_chunked_equals_whole_and_generation(smol):
     assert torch.equal(fast.tokens, slow.tokens)
     assert fast.decoder.state.segments == 2  # 80 tokens read: two folds of 32
     assert isinstance(smol.tokenizer.decode(fast.tokens[0]), str)
+
+
+def test_mixed_corpus_release_loads_and_decodes_as_it_reads(smol):
+    """The carried-regime release: LoRA adapters and the causal summary load with the backbone; the
+    decoder fed token by token gives the logits of one forward call (a fresh backbone: adapters are
+    injected into it)."""
+    from hiermem.models import released_weights
+
+    folder = released_weights("hmt-smollm2-135m-mix")
+    assert folder is not None
+    model = HMT.from_pretrained(folder, backbone=load_backbone("smollm2-135m", device="cpu"),
+                                segment_length=32, sensory_length=8, cache_size=4).eval()
+    assert model.config.summary_source == "previous" and model.config.lora["r"] == 8
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    ids = smol.tokenizer(TEXT, return_tensors="pt").input_ids
+    n = ids.shape[1]  # about 75 tokens: 2 whole segments of 32 and a partial one
+    with torch.no_grad():
+        whole = model(ids)
+    dec = HMTDecoder(model)
+    dec.feed(ids[:, :n - 20])
+    for t in range(n - 20, n):
+        logits = dec.feed(ids[:, t:t + 1])
+        torch.testing.assert_close(logits, whole.logits[:, t].float(), rtol=1e-3, atol=1e-3)
+    assert dec.state.segments == n // 32 and dec.state.pending_length == n % 32
