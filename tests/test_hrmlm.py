@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.inference.generate import GenerationConfig, apply_repetition_penalty, generate
 from hiermem.models import load_model
-from hiermem.models.hrmlm import HRMLM, HRMLMConfig, HRMLMState
+from hiermem.models.hrmlm import HRMLM, HRMLMConfig, HRMLMState, recurrence
 from hrmlm_reference import naive_forward
 from scratch_family import resumed_run_equals_straight_run, save_with_byte_tokenizer, session_memories
 
@@ -38,9 +38,12 @@ def ids(b, t, seed=1, vocab=40):
     return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("layer_norm", [True, False])
 @pytest.mark.parametrize("dims", DIMS)
-def test_fast_path_equals_the_naive_loop_in_values_and_gradients(dims, layer_norm):
+def test_fast_path_equals_the_naive_loop_in_values_and_gradients(dims, layer_norm, split, monkeypatch):
+    """split: the per-step products as two-core batched halves (the path taken with 2+ threads)."""
+    monkeypatch.setattr(recurrence, "SPLIT", split)
     E, Hl, Hh, T, N = dims
     model = tiny(n_embd=E, n_hidden=Hl, n_high_hidden=Hh, T=T, N=N, layer_norm=layer_norm)
     x = ids(3, 7)
@@ -252,3 +255,44 @@ def test_the_state_does_not_keep_the_per_token_states_alive():
         out = model(ids(batch, 50))
         for t in (out.state.low, out.state.high):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_the_loss_without_logits_equals_the_loss_with_them():
+    """return_logits=False scores from a contiguous block of logits; same loss and token NLL."""
+    model = tiny()
+    x = ids(3, 9)
+    labels = x.clone()
+    labels[0, 4] = -100
+    a = model(x, labels=labels, return_token_nll=True)
+    b = model(x, labels=labels, return_token_nll=True, return_logits=False)
+    assert b.logits is None and a.num_tokens == b.num_tokens
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.token_nll, a.token_nll, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.last_logits, a.logits[:, -1], rtol=0, atol=1e-12)
+
+
+def test_decoding_with_two_threads_equals_one_and_follows_weight_updates(monkeypatch):
+    """With 2+ threads the few-row head product runs as row blocks and the recurrence reuses its
+    split weights between calls; values equal the one-thread path, and an in-place weight update
+    (an optimizer step) is seen by the next call."""
+    model = tiny()
+    x = ids(2, 6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model(x, return_logits=False).last_logits
+        torch.set_num_threads(2)
+        two = model(x, return_logits=False).last_logits
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-12)
+        dec = model.decoder(batch_size=2)
+        steps = torch.stack([dec.feed(x[:, i]) for i in range(x.shape[1])], 1)
+        torch.testing.assert_close(steps[:, -1], one.float(), rtol=0, atol=1e-6)
+        with torch.no_grad():
+            model.low.weight_hh.mul_(0.5)
+            model.high.weight_ih.add_(0.1)
+        after = model(x, return_logits=False).last_logits
+        torch.set_num_threads(1)
+        torch.testing.assert_close(after, model(x, return_logits=False).last_logits, rtol=0, atol=1e-12)
+        assert not torch.allclose(after, one)
+    finally:
+        torch.set_num_threads(threads)
