@@ -75,14 +75,22 @@ def lm_output(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tenso
     out = ModelOutput(loss=None, state=state, aux=aux or {}, last_logits=logits[:, -1],
                       logits=logits if return_logits else None)
     if labels is not None or return_token_nll:
-        target = (labels if labels is not None else input_ids)[:, 1:]
-        nll = next_token_nll(logits[:, :-1], target)  # (B, T-1)
-        if return_token_nll:
-            out.token_nll = nll.detach()
-        if labels is not None:
-            out.num_tokens = int((target != -100).sum())
-            out.nll_sum = nll.sum()
-            out.loss = out.nll_sum / max(out.num_tokens, 1)
+        score_next_tokens(out, logits[:, :-1], input_ids, labels, return_token_nll)
+    return out
+
+
+def score_next_tokens(out: ModelOutput, logits: torch.Tensor, input_ids: torch.Tensor,
+                      labels: torch.Tensor | None, return_token_nll: bool) -> ModelOutput:
+    """Fill ``out``'s token NLL and (with labels) loss, nll_sum and num_tokens from the logits
+    (B, T-1, V) that predict tokens 1..T-1 of ``labels`` (or ``input_ids``) (B, T)."""
+    target = (labels if labels is not None else input_ids)[:, 1:]
+    nll = next_token_nll(logits, target)  # (B, T-1)
+    if return_token_nll:
+        out.token_nll = nll.detach()
+    if labels is not None:
+        out.num_tokens = int((target != -100).sum())
+        out.nll_sum = nll.sum()
+        out.loss = out.nll_sum / max(out.num_tokens, 1)
     return out
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiermem.models.base import Decoder, HiermemModel, ModelOutput, lm_output, next_token_nll
+from hiermem.models.base import Decoder, HiermemModel, ModelOutput, lm_output, score_next_tokens
 from hiermem.models.hrmlm.cells import GRUCell
 from hiermem.models.hrmlm.config import HRMLMConfig
 from hiermem.models.hrmlm.recurrence import Product, Recurrence, run, use_split
@@ -158,15 +158,7 @@ class HRMLM(HiermemModel):
         body = self.logits(highs[:, :-1])
         last = self.logits(highs[:, -1])
         out = HRMLMOutput(loss=None, state=state, last_logits=last)
-        target = (labels if labels is not None else input_ids)[:, 1:]
-        nll = next_token_nll(body, target)
-        if return_token_nll:
-            out.token_nll = nll.detach()
-        if labels is not None:
-            out.num_tokens = int((target != -100).sum())
-            out.nll_sum = nll.sum()
-            out.loss = out.nll_sum / max(out.num_tokens, 1)
-        return out
+        return score_next_tokens(out, body, input_ids, labels, return_token_nll)
 
     def forward(self, input_ids: torch.Tensor, state: HRMLMState | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True, return_token_nll: bool = False,
