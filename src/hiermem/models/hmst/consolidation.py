@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from hiermem.errors import ConfigError
+from hiermem.io import check_ints
 from hiermem.memory.semantic import Hit, SemanticStore
 
 
@@ -42,13 +43,8 @@ class ConsolidationPolicy:
     attention_window: int | None = None
 
     def __post_init__(self):
-        for name in ("chunk_tokens", "every_tokens", "min_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"consolidation {name} must be a positive integer, got {v!r}")
-        if self.attention_window is not None and (not isinstance(self.attention_window, int)
-                                                  or self.attention_window < 1):
-            raise ConfigError(f"attention_window must be a positive integer, got {self.attention_window!r}")
+        check_ints(self, ("chunk_tokens", "every_tokens", "min_tokens"), what="consolidation ")
+        check_ints(self, ("attention_window",), allow_none=True, what="consolidation ")
         if not isinstance(self.dedup_threshold, (int, float)) or not -1 <= self.dedup_threshold:
             raise ConfigError(f"dedup_threshold must be a cosine in [-1, 1] (or above 1 to keep near duplicates), "
                               f"got {self.dedup_threshold!r}")
