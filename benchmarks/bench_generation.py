@@ -71,10 +71,10 @@ def hmt_generate(model, prompt, new_tokens, eos, timers: Timers | None = None):
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=eos)
     decoder = make_decoder(model)
     if timers is not None:
-        for name, label in (("_extend", "decode step (encode + head)"), ("_fold", "segment fold"),
-                            ("_start_segment", "segment start (summary + recall)")):
+        for name, label in (("_extend", "decode step (encode + head)"), ("_forward", "segment fold (forward)")):
             timers.wrap(decoder, name, label)
-        for name, label in (("summarize", "  summary passes"), ("head", "  LM head"), ("recall", "  recall")):
+        for name, label in (("segment_prompt", "  segment prompt (summary + recall)"), ("summarize", "  summary passes"),
+                            ("head", "  LM head"), ("recall", "  recall")):
             timers.wrap(model, name, label)
     sync(prompt.device)
     start = time.perf_counter()
