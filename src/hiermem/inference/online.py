@@ -17,15 +17,14 @@ that learning turn by turn:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import load_tensors, save_tensors
+from hiermem.models.base import weights_digest
 
 KIND = "hiermem-ltm"
 
@@ -33,16 +32,6 @@ KIND = "hiermem-ltm"
 def learns_online(model) -> bool:
     """Whether the model's state learns at run time and supports the chat hooks."""
     return all(hasattr(model, name) for name in ("with_ltm_lr", "weaken_ltm", "LTM_FIELDS"))
-
-
-def weights_digest(model) -> str:
-    """sha256 (16 hex digits) of every parameter and persistent buffer: which weights learnt a memory."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().cpu().reshape(-1)  # 0-d tensors cannot be viewed as bytes
-        h.update(f"{name}:{t.numel()}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 @dataclass

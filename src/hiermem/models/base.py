@@ -68,6 +68,17 @@ def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view_as(targets) * (targets != -100)
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the model's state tensors: which weights
+    a derived file (LoRA adapters, a learnt memory) belongs to."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def lm_output(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None, state: ModelState,
               return_logits: bool, return_token_nll: bool, aux: dict | None = None) -> ModelOutput:
     """The :class:`ModelOutput` of a model that computed logits (B, T, V) for every input position:

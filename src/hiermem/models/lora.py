@@ -23,7 +23,6 @@ Adapter folder (``save_pretrained`` of an adapted model)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
+from hiermem.models.base import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,6 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
         if name in layer.lora_A:
             w = w + layer.get_delta_weight(name).to(w.dtype)
     return w
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of the model's state tensors."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 def _is_lora(name: str) -> bool:
