@@ -290,7 +290,7 @@ def save_weight_quantized(model: nn.Module, folder: str | Path, fmt: str, names:
 def load_weight_quantized(folder: str | Path, **overrides) -> nn.Module:
     """A from-scratch model (eval mode, ``.tokenizer`` set) from a folder of :func:`save_weight_quantized`."""
     from hiermem.models import folder_model_type, model_spec
-    from hiermem.models.base import TOKENIZER_DIR
+    from hiermem.models.base import TOKENIZER_DIR, copy_checked
     from hiermem.tokenizers import read_tokenizer
 
     folder = Path(folder)
@@ -306,17 +306,8 @@ def load_weight_quantized(folder: str | Path, **overrides) -> nn.Module:
     tensors, meta = load_tensors(folder / WEIGHTS)
     if meta.get("kind") != "hiermem-weight-only":
         raise CheckpointError(f"{folder / WEIGHTS} is not a hiermem weight-only quantized file")
-    own = _stored(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{folder / WEIGHTS} does not match this {spec.model_type}: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]} (another model or other options?)")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if own[k].shape != v.shape or own[k].dtype != v.dtype:
-                raise CheckpointError(f"{folder}: {k} is {v.dtype} {tuple(v.shape)}, expected "
-                                      f"{own[k].dtype} {tuple(own[k].shape)}")
-            own[k].copy_(v)
+    copy_checked(_stored(model), tensors, folder / WEIGHTS, spec.model_type, hint="another model or other options?",
+                 exact_dtype=True)
     model.tokenizer = read_tokenizer(folder / TOKENIZER_DIR)
     return model.eval()
 

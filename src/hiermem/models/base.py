@@ -79,6 +79,26 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def copy_checked(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where, what: str,
+                 required=None, hint: str = "saved with other options?", exact_dtype: bool = False) -> None:
+    """Copy ``tensors`` into the model's tensors ``own`` by name, in place; CheckpointError naming
+    ``where`` when a name is unknown, one of ``required`` (default: all of ``own``) is missing, or a
+    shape (with ``exact_dtype``, a dtype) differs. Nothing is copied unless everything matches."""
+    required = own if required is None else required
+    unknown = sorted(k for k in tensors if k not in own)
+    missing = sorted(k for k in required if k not in tensors)
+    if unknown or missing:
+        raise CheckpointError(f"{where} does not match this {what}: missing {missing[:4]}, unexpected "
+                              f"{unknown[:4]} ({hint})")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape or (exact_dtype and own[k].dtype != v.dtype):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)} ({v.dtype}), expected "
+                                  f"{tuple(own[k].shape)} ({own[k].dtype})")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
 def lm_output(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None, state: ModelState,
               return_logits: bool, return_token_nll: bool, aux: dict | None = None) -> ModelOutput:
     """The :class:`ModelOutput` of a model that computed logits (B, T, V) for every input position:
@@ -302,18 +322,7 @@ class HiermemModel(nn.Module):
     def load_weights(self, folder: str | Path, strict: bool = True) -> None:
         """Load ``model.safetensors`` of ``folder`` into this model; CheckpointError on mismatch."""
         tensors, _ = load_tensors(Path(folder) / WEIGHTS_NAME, self.device)
-        own = self.state_dict()
-        unknown = sorted(k for k in tensors if k not in own)
-        missing = sorted(k for k in own if k not in tensors) if strict else []
-        if unknown or missing:
-            raise CheckpointError(f"{folder} does not match this {type(self).__name__}: missing {missing[:4]}, "
-                                  f"unexpected {unknown[:4]} (saved with other options?)")
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(v.to(own[k].dtype))
+        copy_checked(self.state_dict(), tensors, folder, type(self).__name__, required=None if strict else ())
 
     @classmethod
     def read_config(cls, folder: str | Path, **overrides):

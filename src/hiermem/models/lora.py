@@ -31,7 +31,7 @@ from torch import nn
 
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
-from hiermem.models.base import weights_digest
+from hiermem.models.base import copy_checked, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -238,16 +238,9 @@ def load_adapted(folder: str | Path, base: str | Path | None = None, device=None
     model = add_lora(model, r=record["r"], alpha=record["alpha"], targets=record["targets"],
                      unlock_percent=record["unlock_percent"], base_folder=base, probe=False)
     tensors, _ = load_tensors(folder / ADAPTER_WEIGHTS, model.device)
-    params, wanted = dict(model.named_parameters()), set(model.trainable_names("lora"))
-    if set(tensors) != wanted:
-        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} does not match its adapter record: missing "
-                              f"{sorted(wanted - set(tensors))[:4]}, unexpected {sorted(set(tensors) - wanted)[:4]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(f"{folder}: {name} has shape {tuple(value.shape)}, expected "
-                                      f"{tuple(params[name].shape)}")
-            params[name].copy_(value)
+    params = dict(model.named_parameters())
+    copy_checked({n: params[n] for n in model.trainable_names("lora")}, tensors, folder / ADAPTER_WEIGHTS,
+                 "adapter record", hint="adapters saved with another record?")
     return model
 
 

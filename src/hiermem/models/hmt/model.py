@@ -26,7 +26,7 @@ from hiermem.errors import CheckpointError, ConfigError
 from hiermem.io import atomic_write_json, load_tensors, read_json, save_tensors
 from hiermem.memory.bank import MemoryBank, append, make_eviction
 from hiermem.memory.recall import CrossAttentionRecall, make_projection
-from hiermem.models.base import HiermemModel, ModelOutput
+from hiermem.models.base import HiermemModel, ModelOutput, copy_checked
 from hiermem.models.hmt.config import HMTConfig
 from hiermem.models.hmt.decoder import HMTDecoder
 from hiermem.models.hmt.state import HMTMemory
@@ -387,17 +387,8 @@ class HMT(HiermemModel):
 
     def load_weights(self, folder: str | Path, strict: bool = True) -> None:
         tensors, _ = load_tensors(Path(folder) / WEIGHTS_NAME, self.device)
-        own = dict(self.named_parameters())
-        unknown = [k for k in tensors if k not in own]
-        missing = [k for k in self.memory_parameters() if k not in tensors]
-        if unknown or missing:
-            raise CheckpointError(f"{folder} does not match this HMT: missing {missing[:4]}, unexpected "
-                                  f"{unknown[:4]} (was it saved with other options, e.g. memory_projection or LoRA?)")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if own[k].shape != v.shape:
-                    raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-                own[k].copy_(v.to(own[k].dtype))
+        copy_checked(dict(self.named_parameters()), tensors, folder, "HMT", required=self.memory_parameters(),
+                     hint="was it saved with other options, e.g. memory_projection or LoRA?")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, backbone=None, device=None, dtype=None, **overrides) -> "HMT":
