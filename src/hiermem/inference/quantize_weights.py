@@ -187,13 +187,19 @@ def is_head(model: nn.Module, name: str) -> bool:
     return isinstance(owner, nn.Embedding) or any(p in HEAD_NAMES or p.endswith("_head") for p in parts)
 
 
+def _tied_places(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it is reachable under (tied weights have several)."""
+    places: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        places.setdefault(id(p), []).append(n)
+    return places
+
+
 def select_weights(model: nn.Module, include_head: bool = False) -> list[str]:
     """Names (first name of tied ones) of the floating parameters to quantize: those named
     ``weight*`` / ``w_*`` with 2+ dimensions and at least GROUP inputs outside norm layers, plus
     embedding tables and heads with ``include_head``; a parameter tied to a head counts as a head."""
-    places: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        places.setdefault(id(p), []).append(n)
+    places = _tied_places(model)
     out = []
     for n, p in model.named_parameters():
         owner_name, _, leaf = n.rpartition(".")
@@ -214,10 +220,7 @@ def quantize_model(model: nn.Module, fmt: str, include_head: bool = False, names
     places share one holder. ``empty``: install zero holders (to load stored ones into). Returns names."""
     _check_format(fmt)
     names = select_weights(model, include_head) if names is None else list(names)
-    params = dict(model.named_parameters())
-    places: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        places.setdefault(id(p), []).append(n)
+    params, places = dict(model.named_parameters()), _tied_places(model)
     for name in names:
         if name not in params:
             raise CheckpointError(f"{type(model).__name__} has no weight {name!r} to quantize")
