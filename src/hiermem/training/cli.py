@@ -24,6 +24,24 @@ def _split_files(items: list[str]) -> dict[str, str] | None:
     return out or None
 
 
+def run_on_processes(run, device: str | None):
+    """``run(accelerator)`` on this process (one of several under torchrun / accelerate launch);
+    only the first process logs and reports. Returns (the run's summary, whether this process reports)."""
+    acc = make_accelerator(device)
+    if not acc.is_main_process:
+        logging.getLogger("hiermem").setLevel(logging.WARNING)
+    return run(acc), acc.is_main_process
+
+
+def exit_code(summary: dict, output_dir=None) -> int:
+    """0, or 128 + the signal that interrupted the run; with ``output_dir`` it also says how to resume."""
+    if summary["status"] != "interrupted":
+        return 0
+    if output_dir is not None:
+        print(f"interrupted: checkpoint saved under {output_dir}; run the same command again to resume")
+    return 128 + int(summary["signal"])
+
+
 def train(
     model: Literal["hmt"],
     config: str | None = None,
@@ -199,12 +217,9 @@ def train(
                      stage1=stage_cfg[0], stage2=stage_cfg[1], stage2_segments=stage2_segments,
                      straddle=straddle, init=init, device=device, carry_state=carry_state,
                      curriculum=[int(n) for n in curriculum], task=task)
-    acc = make_accelerator(device)
-    if not acc.is_main_process:  # one process reports
-        logging.getLogger("hiermem").setLevel(logging.WARNING)
-    summary = train_hmt(plan, resume=resume, accelerator=acc)
-    if not acc.is_main_process:
-        return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
+    summary, reports = run_on_processes(lambda acc: train_hmt(plan, resume=resume, accelerator=acc), device)
+    if not reports:
+        return exit_code(summary)
     for name, stage in summary["stages"].items():
         best = stage["best_val_ppl"]
         val = (f"best validation perplexity {round(best, 3)} (step {stage['best_step']})" if best is not None
@@ -212,8 +227,7 @@ def train(
         print(f"{name}: {stage['status']} at step {stage['steps']}, {val}, "
               f"{stage['tokens_per_second_this_run']} supervised tok/s")
     if summary["status"] == "interrupted":
-        print(f"interrupted: checkpoint saved under {output_dir}; run the same command again to resume")
-        return 128 + int(summary["signal"])
+        return exit_code(summary, output_dir)
     print(f"final weights: {summary['final']}")
     log.debug("summary: %s", json.dumps(summary, default=str))
     return 0
@@ -348,20 +362,17 @@ def train_model(
                                  "test_fraction": test_fraction},
                            model=options, tokenizer=tok, training=cfg, window=window, straddle=straddle,
                            device=device)
-    acc = make_accelerator(device)
-    if not acc.is_main_process:
-        logging.getLogger("hiermem").setLevel(logging.WARNING)
-    summary = train_from_scratch(recipe, resume=resume, accelerator=acc)
-    if not acc.is_main_process:
-        return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
+    summary, reports = run_on_processes(lambda acc: train_from_scratch(recipe, resume=resume, accelerator=acc),
+                                        device)
+    if not reports:
+        return exit_code(summary)
     last = summary["val_history"][-1] if summary["val_history"] else {}
     bpb = f", {last['val_bpb']:.4f} bits per byte" if "val_bpb" in last else ""
     val = f"last validation loss {last['val_loss']:.4f}{bpb}" if "val_loss" in last else "no validation ran"
     print(f"{model}: {summary['status']} at step {summary['steps']} ({summary['parameters']:,} parameters, "
           f"{summary['tokens_per_second_this_run']} tok/s); {val}")
     if summary["status"] == "interrupted":
-        print(f"interrupted: checkpoint saved under {recipe.output_dir}; run the same command again to resume")
-        return 128 + int(summary["signal"])
+        return exit_code(summary, recipe.output_dir)
     print(f"final weights: {summary['final']}")
     return 0
 

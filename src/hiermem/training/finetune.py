@@ -107,7 +107,7 @@ def finetune(
     from hiermem.models.lora import add_lora
     from hiermem.training.config import TrainConfig
     from hiermem.training.scratch import ScratchRecipe, train_from_scratch
-    from hiermem.training.trainer import make_accelerator
+    from hiermem.training.cli import exit_code, run_on_processes
 
     if not model or not data or not output:
         raise ConfigError("finetune needs --model FOLDER, --data SOURCE and --output DIR")
@@ -137,20 +137,17 @@ def finetune(
                            data={"text_column": text_column, "validation_fraction": validation_fraction,
                                  "test_fraction": test_fraction},
                            tokenizer={"path": str(folder / "tokenizer")}, training=cfg, window=window, straddle=straddle, device=device)
-    acc = make_accelerator(device)
-    if not acc.is_main_process:
-        logging.getLogger("hiermem").setLevel(logging.WARNING)
-    summary = train_from_scratch(recipe, resume=resume, accelerator=acc, model=base)
-    if not acc.is_main_process:
-        return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0
+    summary, reports = run_on_processes(
+        lambda acc: train_from_scratch(recipe, resume=resume, accelerator=acc, model=base), device)
+    if not reports:
+        return exit_code(summary)
     trained = sum(p.numel() for p in base.parameters() if p.requires_grad)
     last = summary["val_history"][-1] if summary["val_history"] else {}
     val = f"last validation loss {last['val_loss']:.4f}" if "val_loss" in last else "no validation ran"
     print(f"{base.config.model_type}: {summary['status']} at step {summary['steps']} ({trained:,} of "
           f"{summary['parameters']:,} parameters trained); {val}")
     if summary["status"] == "interrupted":
-        print(f"interrupted: checkpoint saved under {output}; run the same command again to resume")
-        return 128 + int(summary["signal"])
+        return exit_code(summary, output)
     if lora_r:
         print(f"adapters: {summary['final']} (merge: hiermem merge-lora --model {summary['final']} --output DIR)")
     else:
