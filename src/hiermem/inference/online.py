@@ -34,6 +34,13 @@ def learns_online(model) -> bool:
     return all(hasattr(model, name) for name in ("with_ltm_lr", "weaken_ltm", "LTM_FIELDS"))
 
 
+def require_online_learning(model) -> None:
+    """ConfigError unless ``model``'s state learns at run time."""
+    if not learns_online(model):
+        raise ConfigError(f"online learning options apply to models whose memory learns at run time "
+                          f"(hierarchos); this is a {model.config.model_type} model")
+
+
 @dataclass
 class LtmSchedule:
     """Step size of the memory's surprise update per chat turn (see the module docstring)."""
@@ -64,9 +71,7 @@ class OnlineLearning:
     reply, ``end`` after it) plus negative feedback and the LTM file."""
 
     def __init__(self, model, schedule: LtmSchedule, bad_scale: float = 0.5):
-        if not learns_online(model):
-            raise ConfigError(f"online learning options apply to models whose memory learns at run time "
-                              f"(hierarchos); this is a {model.config.model_type} model")
+        require_online_learning(model)
         if not 0 <= bad_scale < 1:
             raise ConfigError(f"--bad-scale must be in [0, 1), got {bad_scale!r}")
         self.model, self.schedule, self.bad_scale = model, schedule, bad_scale
@@ -144,7 +149,7 @@ def online_learning(model, ltm_lr: float | None = None, static_ltm_lr: bool = Fa
     ``asked`` (any learning option given) is a ConfigError."""
     if not learns_online(model):
         if asked:
-            OnlineLearning(model, LtmSchedule(0.0))  # raises the family's error
+            require_online_learning(model)
         return None
     lr = model.config.ltm_lr if ltm_lr is None else ltm_lr
     return OnlineLearning(model, LtmSchedule(lr, ltm_schedule_min_lr, ltm_schedule_steps, static_ltm_lr), bad_scale)
