@@ -20,11 +20,12 @@ def sequential_scan(u, log_a, b, c, state):
     return torch.stack(ys, 1), state
 
 
-def naive_moe(moe, x):
-    """x (n, d) -> (y (n, d), chosen experts (n, k)): each token through its top-k experts in turn."""
+def naive_moe(moe, x, bias=False):
+    """x (n, d) -> (y (n, d), chosen experts (n, k)): each token through its top-k experts in turn;
+    ``bias``: the router logits include ``moe.expert_bias``."""
     ys, chosen = [], []
     for tok in x:
-        probs = (tok @ moe.router.weight.t()).softmax(-1)
+        probs = (tok @ moe.router.weight.t() + (moe.expert_bias if bias else 0)).softmax(-1)
         top, idx = probs.topk(moe.top_k)
         gates = top / top.sum()
         out = 0
@@ -84,18 +85,31 @@ def naive_ssm(ssm, x):
     return y @ ssm.out_proj.weight.t(), state
 
 
-def naive_forward(model, ids):
-    """logits (B, T, V) of ``model`` over ids (B, T) from an empty state, and the final SSM states."""
+def naive_hidden(model, ids, layers=None, skip_ssm=False, expert_bias=False):
+    """The residual stream (B, T, d) of ``model`` after its first ``layers`` layers (None: all) over
+    ids (B, T) from an empty state, and the final states of the SSM blocks run; ``skip_ssm`` and
+    ``expert_bias``: the gates of ``HMST.forward``."""
     h = model.embedding.weight[ids]
     states = []
-    for layer in model.layers:
+    for layer in model.layers[:layers]:
         h = h + naive_attention(layer.attn, _rms(layer.attn_norm, h))
-        if layer.ssm is not None:
+        if layer.ssm is not None and not skip_ssm:
             y, s = naive_ssm(layer.ssm, _rms(layer.ssm_norm, h))
             h = h + y
             states.append(s)
-        y, _ = naive_moe(layer.moe, _rms(layer.moe_norm, h).flatten(0, 1))
+        y, _ = naive_moe(layer.moe, _rms(layer.moe_norm, h).flatten(0, 1), expert_bias)
         h = h + y.view_as(h)
-    h = _rms(model.norm, h)
+    return h, states
+
+
+def naive_head(model, h):
+    """Vocabulary logits from a residual stream h (..., d): the final norm and the head."""
     w = model.embedding.weight if model.head is None else model.head.weight
-    return h @ w.t(), states
+    return _rms(model.norm, h) @ w.t()
+
+
+def naive_forward(model, ids, layers=None, skip_ssm=False, expert_bias=False):
+    """logits (B, T, V) of ``model`` over ids (B, T) from an empty state (with the gates of
+    :func:`naive_hidden`; ``layers`` = ``exit_layer``), and the final states of the SSM blocks run."""
+    h, states = naive_hidden(model, ids, layers, skip_ssm, expert_bias)
+    return naive_head(model, h), states

@@ -46,6 +46,14 @@ class HMSTConfig(ScratchConfig):
         width % P == 0), ssm_conv (causal depthwise convolution width, 1 = none): the selective
         state-space layer (input-dependent step, B and C; one decay per head).
     ssm_chunk: chunk length of the parallel scan (speed only; results do not depend on it).
+    ssm_drop: training only: the probability that a forward call runs with its SSM blocks skipped
+        (the episodic-access gate closed), so the model also works with the gate closed.
+    early_exit_layer: k in [1, num_layers): the early-exit head reads the hidden state after k layers
+        (the final norm and head); early_exit_loss_weight > 0 (needs it) adds its LM loss as the
+        auxiliary loss "early_exit" when labels are given.
+    expert_bias: every MoE layer holds a learned router bias (E,), zero at initialisation, that the
+        expert-bias gate (``HMST.forward(expert_bias=True)``) adds to its router logits. Checkpoints
+        saved without it load into a model built with it as zero biases; without it the gate is a no-op.
     rope_theta: RoPE base. dropout: attention-probability dropout (training only).
     tie_embeddings: the output head shares the input embedding matrix. init_std: matrix init.
     bos/eos/pad_token_id, tokenizer: the tokenizer's special ids and name (informational).
@@ -68,6 +76,10 @@ class HMSTConfig(ScratchConfig):
     ssm_head_dim: int = 64
     ssm_conv: int = 4
     ssm_chunk: int = 32
+    ssm_drop: float = 0.0
+    early_exit_layer: int | None = None
+    early_exit_loss_weight: float = 0.0
+    expert_bias: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -126,11 +138,27 @@ class HMSTConfig(ScratchConfig):
         d, f, V = self.hidden_size, self.ffn_size, self.vocab_size
         attn = d * self.num_heads * self.head_dim * 2 + 2 * d * self.kv_heads * self.head_dim
         experts = (self.top_k if active else self.num_experts) * 3 * d * f
-        layer = attn + d * self.num_experts + experts + 2 * d
+        layer = attn + (d + int(self.expert_bias)) * self.num_experts + experts + 2 * d  # + router, biases, norms
         Di, N, Hs, C = self.ssm_inner, self.ssm_state_size, self.ssm_heads, self.ssm_conv_channels
         ssm = d * (2 * Di + 2 * N + Hs) + C * (self.ssm_conv + 1) + 3 * Hs + Di * d + d
         emb = V * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + len(self.ssm_layers) * ssm + d + emb
+
+    def macs_per_token(self, layers: int | None = None, ssm_blocks: int | None = None) -> int:
+        """Multiply-adds per token of the matmuls of a forward call that runs ``layers`` layers fully
+        (None: all) and ``ssm_blocks`` SSM blocks (None: those of the layers run): per layer run the
+        attention projections, attention over a full window of W keys, the router and top_k experts;
+        per skipped layer the key and value projections that keep its window; per SSM block its
+        projections, convolution and scan; and the head."""
+        L = self.num_layers if layers is None else layers
+        S = sum(i < L for i in self.ssm_layers) if ssm_blocks is None else ssm_blocks
+        d, hd, H = self.hidden_size, self.head_dim, self.num_heads
+        kv = 2 * d * self.kv_heads * hd
+        attn = 2 * d * H * hd + kv + 2 * H * hd * self.attention_window  # q, o; k, v; scores and mix
+        moe = d * self.num_experts + self.top_k * 3 * d * self.ffn_size
+        Di, N = self.ssm_inner, self.ssm_state_size
+        ssm = d * (2 * Di + 2 * N + self.ssm_heads) + self.ssm_conv_channels * self.ssm_conv + 2 * Di * N + Di * d
+        return L * (attn + moe) + (self.num_layers - L) * kv + S * ssm + d * self.vocab_size
 
     # --- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -138,7 +166,7 @@ class HMSTConfig(ScratchConfig):
                           "top_k", "ssm_state_size", "ssm_expand", "ssm_head_dim", "ssm_conv", "ssm_chunk"),
                    what="hmst ")
         check_ints(self, ("ssm_every",), low=0, what="hmst ")
-        check_ints(self, ("num_kv_heads", "intermediate_size"), allow_none=True, what="hmst ")
+        check_ints(self, ("num_kv_heads", "intermediate_size", "early_exit_layer"), allow_none=True, what="hmst ")
         self.check_common("hmst")
         if self.hidden_size % self.num_heads or self.head_dim % 2:
             raise ConfigError(f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must be an even integer "
@@ -150,13 +178,23 @@ class HMSTConfig(ScratchConfig):
         if self.ssm_inner % self.ssm_head_dim:
             raise ConfigError(f"ssm_head_dim {self.ssm_head_dim} must divide the SSM inner width ssm_expand * "
                               f"hidden_size = {self.ssm_inner}")
-        for name in ("balance_loss_weight", "router_z_loss_weight"):
+        for name in ("balance_loss_weight", "router_z_loss_weight", "early_exit_loss_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if not (isinstance(self.ssm_drop, (int, float)) and not isinstance(self.ssm_drop, bool)
+                and 0.0 <= self.ssm_drop <= 1.0):
+            raise ConfigError(f"ssm_drop must be a probability in [0, 1], got {self.ssm_drop!r}")
+        if self.early_exit_layer is not None and self.early_exit_layer >= self.num_layers:
+            raise ConfigError(f"early_exit_layer {self.early_exit_layer} must be below num_layers "
+                              f"{self.num_layers} (the head reads the hidden state after that many layers)")
+        if self.early_exit_loss_weight > 0 and self.early_exit_layer is None:
+            raise ConfigError("early_exit_loss_weight > 0 needs early_exit_layer (the layer the early-exit "
+                              "head reads)")
         for name in ("rope_theta", "init_std"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
                 raise ConfigError(f"{name} must be > 0, got {v!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
