@@ -93,8 +93,8 @@ register_model(ModelSpec(
 register_model(ModelSpec(
     "hmst", "hiermem.models.hmst:HMST",
     description="HMST: windowed-attention MoE decoder (top-k SwiGLU experts) with an episodic selective SSM "
-                "memory, trained from scratch",
-    default_config="hmst-micro"))
+                "memory, trained from scratch; --stage 2|3 trains its memory, critic and meta-controller",
+    default_config="hmst-micro", recipe="hiermem.training.hmst_stages:train_hmst"))
 
 
 def released_weights(name: str = DEFAULT_RELEASE) -> Path | None:
