@@ -4,12 +4,14 @@
   token position is known exactly; the system reads these same ids.
 - :class:`FactsQALoader`: stage-2 batches (``TaskBatch``: ids, labels on the answer or on every
   token) for the shared trainer, rows of one fixed length, a pure function of (seed, index):
-  1. *retrieval*: the document's chunk holding the fact (chunked as the consolidator chunks it) or,
-     for a never-stated fact, another chunk, then the question and its answer (" unknown" then):
-     the model learns to copy from what retrieval reads back, and to say unknown otherwise;
-  2. *episodic*: a stretch of the document whose fact lies more than the attention window before
-     the question: only the SSM can carry it;
-  3. *text*: a window of the document scored on every token (language modelling stays).
+  1. *retrieval* (half the rows): the document's chunk holding the fact (chunked as the
+     consolidator chunks it) or, for a never-stated fact, another chunk (half the time one stating
+     another entity's fact), then the question and its answer (" unknown" then): the model learns
+     to copy from what retrieval reads back, and to say unknown otherwise;
+  2. *episodic* (a quarter): a stretch of the document whose fact lies more than the attention
+     window before the question: only the SSM can carry it;
+  3. *text* (a quarter): a window of the document whose last ``TEXT_SCORED`` tokens are scored, so
+     language modelling stays without drowning the answers' few tokens.
 - :func:`retrieval_examples`: (question, chunks, answering chunk) hidden states for the retriever.
 - :func:`answer_all`: every question of some documents answered under every setting of the four
   gates that change the answering passes (``verify`` acts after them), for critic and PPO training
@@ -30,9 +32,10 @@ from hiermem.evaluation.loading import tokenize
 from hiermem.models.hmst.consolidation import chunk_spans
 from hiermem.models.hmst.controller import GATES
 from hiermem.models.hmst.retriever import RetrievalExample
-from hiermem.training.recall_task import TaskBatch
+from hiermem.training.recall_task import RowLoader
 
-RUN_GATES = ("semantic", "episodic", "expert_bias", "early_exit")  # the gates that change the answering passes
+RUN_GATES = ("semantic", "episodic", "expert_bias", "early_exit")
+TEXT_SCORED = 32  # scored tokens of a plain-text row  # the gates that change the answering passes
 
 
 def newline_ids(tokenizer) -> tuple[int, ...]:
@@ -55,8 +58,10 @@ def chunk_of(spans: list[tuple[int, int]], position: int) -> int:
     return next(i for i, (a, b) in enumerate(spans) if a <= position < b)
 
 
-class FactsQALoader:
+class FactsQALoader(RowLoader):
     """Endless stage-2 batches of ``length``-token rows (see the module docstring); resumable."""
+
+    what = "facts-task"
 
     def __init__(self, tokenizer, task: FactsTask, length: int, batch_size: int, chunk_tokens: int,
                  attention_window: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -76,12 +81,13 @@ class FactsQALoader:
     def row(self, i: int) -> tuple[list[int], list[int]]:
         """Row ``i``: (ids, labels), both ``length`` long."""
         rng = random.Random(f"facts-qa:{self.seed}:{i}")
-        doc, ids, starts = self._tokens(i // 3)
-        kind = i % 3
+        doc, ids, starts = self._tokens(i // 4)
+        kind = (0, 0, 1, 2)[i % 4]
         if kind == 2:  # text
             a = rng.randrange(max(1, len(ids) - self.length + 1))
             row = ids[a:a + self.length]
-            return self._left_pad(row, row, ids)
+            scored = min(TEXT_SCORED, len(row))
+            return self._left_pad(row, [-100] * (len(row) - scored) + row[len(row) - scored:], ids)
         question = rng.choice(doc.questions)
         q = tokenize(self.tokenizer, "\n" + question.prompt())
         target = tokenize(self.tokenizer, question.target())
@@ -89,7 +95,12 @@ class FactsQALoader:
         fact_pos = starts[doc.fact_offsets.index(question.fact_at)] if stated else None
         if kind == 0:  # retrieval
             spans = chunk_spans(ids, self.chunk_tokens, self.newlines)
-            pick = chunk_of(spans, fact_pos) if stated else rng.randrange(len(spans))
+            if stated:
+                pick = chunk_of(spans, fact_pos)
+            elif starts and rng.random() < 0.5:  # another entity's fact: the answer must match the entity
+                pick = chunk_of(spans, rng.choice(starts))
+            else:
+                pick = rng.randrange(len(spans))
             a, b = spans[pick]
             context = ids[max(0, len(ids) - self.length):]  # the document's end comes before the answer
             row = context + ids[a:b] + q
@@ -114,25 +125,28 @@ class FactsQALoader:
             row, labels = pad + row, [-100] * missing + labels
         return row, labels
 
-    def __iter__(self) -> "FactsQALoader":
-        return self
+    def identity(self) -> dict:
+        return {"length": self.length, "seed": self.seed, "task_seed": self.task.seed}
 
-    def __next__(self) -> TaskBatch:
-        first = self.index + self.rank * self.batch_size
-        rows = [self.row(first + r) for r in range(self.batch_size)]
-        self.index += self.batch_size * self.world_size
-        return TaskBatch(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
 
-    def state_dict(self) -> dict:
-        return {"index": self.index, "length": self.length, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "task_seed": self.task.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        now = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)!r}, now {now[k]!r}" for k in now if k != "index" and state.get(k) != now[k]]
-        if diff:
-            raise ConfigError("cannot resume the facts-task position: the loader differs (" + "; ".join(diff) + ")")
-        self.index = int(state["index"])
+@torch.no_grad()
+def row_accuracy(model, loader: FactsQALoader, rows: int = 64, start: int = 0) -> dict:
+    """Teacher-forced exact-match accuracy of the answers of ``rows`` loader rows (text rows
+    skipped), by kind ("retrieval", "episodic") and by whether the fact was stated."""
+    hits: dict[str, list[int]] = {}
+    for i in range(start, start + rows):
+        kind = ("retrieval", "retrieval", "episodic", None)[i % 4]
+        if kind is None:
+            continue
+        ids, labels = (torch.tensor([t]) for t in loader.row(i))
+        logits = model(ids, return_logits=True).logits[0, :-1]  # (T - 1, V): position t predicts t + 1
+        target = labels[0, 1:]
+        scored = target != -100
+        ok = bool((logits[scored].argmax(-1) == target[scored]).all())
+        unknown = loader.tokenizer.decode(target[scored].tolist()).strip() == "unknown"
+        for key in (kind, f"{kind}_{'unstated' if unknown else 'stated'}"):
+            hits.setdefault(key, []).append(int(ok))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
 @torch.no_grad()

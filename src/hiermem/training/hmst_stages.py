@@ -65,7 +65,7 @@ def run_stage2(model_path: str, output_dir: str, steps: int = 300, batch_size: i
     from hiermem.models import load_model
     from hiermem.models.hmst.retriever import Retriever, RetrieverConfig, fit_retriever, retrieval_accuracy
     from hiermem.training.config import TrainConfig
-    from hiermem.training.hmst_facts import FactsQALoader, retrieval_examples
+    from hiermem.training.hmst_facts import FactsQALoader, retrieval_examples, row_accuracy
     from hiermem.training.trainer import Trainer
 
     system, _ = load_stage(model_path, (1,), model_size)
@@ -92,6 +92,7 @@ def run_stage2(model_path: str, output_dir: str, steps: int = 300, batch_size: i
         return report
     trainer.export(result, out / "lm")
     model = load_model(out / "lm")
+    report["validation_answers"] = row_accuracy(model, loaders["validation"], rows=96)
     system = type(system)(model, model.tokenizer, config=system.config)
     docs = {s: t.documents(facts_documents if s == "train" else max(8, facts_documents // 4))
             for s, t in tasks.items()}

@@ -47,12 +47,48 @@ class TaskSample:
     needle_at: int  # token position where the needle sentence starts
 
 
-class RecallTaskLoader:
+class RowLoader:
+    """Endless batches of rows that are pure functions of their index (``row(i)`` -> (ids, labels));
+    ``state_dict`` / ``load_state_dict`` resume exactly. Subclasses set ``tokenizer``, ``batch_size``,
+    ``rank``, ``world_size``, ``index`` and name in ``identity()`` what must match on resume."""
+
+    what = "task"
+
+    def row(self, i: int) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self) -> "RowLoader":
+        return self
+
+    def __next__(self) -> TaskBatch:
+        first = self.index + self.rank * self.batch_size
+        rows = [self.row(first + r) for r in range(self.batch_size)]
+        self.index += self.batch_size * self.world_size
+        return TaskBatch(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, **self.identity(), "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        diff = [f"{k}: saved {state.get(k)!r}, now {now[k]!r}" for k in now if k != "index" and state.get(k) != now[k]]
+        if diff:
+            raise ConfigError(f"cannot resume the {self.what} position: the loader differs from the saved one ("
+                              + "; ".join(diff) + ")")
+        self.index = int(state["index"])
+
+
+class RecallTaskLoader(RowLoader):
     """Endless batches of recall samples; ``state_dict`` / ``load_state_dict`` resume exactly.
 
     pool: token ids of the haystack text (e.g. :func:`hiermem.evaluation.tasks.haystack_pool`).
     far: the needle ends at least this many tokens before the question.
     """
+
+    what = "recall-task"
 
     def __init__(self, tokenizer, pool: list[int], task: str, length: int, batch_size: int = 1, seed: int = 0,
                  far: int = 0, rank: int = 0, world_size: int = 1):
@@ -108,23 +144,9 @@ class RecallTaskLoader:
             return TaskSample(ids, labels, key, len(head) + at)
         raise DataError(f"could not draw a key absent from the haystack for sample {i}")
 
-    def __iter__(self) -> "RecallTaskLoader":
-        return self
+    def row(self, i: int) -> tuple[list[int], list[int]]:
+        sample = self.sample(i)
+        return sample.ids, sample.labels
 
-    def __next__(self) -> TaskBatch:
-        first = self.index + self.rank * self.batch_size
-        rows = [self.sample(first + r) for r in range(self.batch_size)]
-        self.index += self.batch_size * self.world_size
-        return TaskBatch(torch.tensor([r.ids for r in rows]), torch.tensor([r.labels for r in rows]))
-
-    def state_dict(self) -> dict:
-        return {"index": self.index, "task": self.task, "length": self.length, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size, "far": self.far}
-
-    def load_state_dict(self, state: dict) -> None:
-        now = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)!r}, now {now[k]!r}" for k in now if k != "index" and state.get(k) != now[k]]
-        if diff:
-            raise ConfigError("cannot resume the recall-task position: the loader differs from the saved one ("
-                              + "; ".join(diff) + ")")
-        self.index = int(state["index"])
+    def identity(self) -> dict:
+        return {"task": self.task, "length": self.length, "seed": self.seed, "far": self.far}

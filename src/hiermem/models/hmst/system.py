@@ -30,6 +30,7 @@ mean probability of its answer tokens.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,7 +218,7 @@ class HMSTSystem:
         parts = {"retriever": self.retriever, "controller": self.controller, "critic": self.critic}
         tensors = {f"{name}.{k}": v.detach().contiguous() for name, part in parts.items() if part is not None
                    for k, v in part.state_dict().items()}
-        meta = {"stage": stage, "system": self.config.to_dict(), "model_digest": weights_digest(self.model),
+        meta = {"stage": stage, "system": self.config.to_dict(), "model_digest": model_digest(self.model),
                 **{name: (asdict(part.config) if part is not None else None) for name, part in parts.items()}}
         if tensors:
             save_tensors(folder / SYSTEM_WEIGHTS, tensors, {"model_digest": meta["model_digest"]})
@@ -244,7 +245,7 @@ class HMSTSystem:
                  for name, (k, c) in kinds.items()}
         if any(p is not None for p in parts.values()):
             tensors, tmeta = load_tensors(folder / SYSTEM_WEIGHTS)
-            if tmeta.get("model_digest") != weights_digest(model):
+            if tmeta.get("model_digest") != model_digest(model):
                 raise CheckpointError(f"{folder / SYSTEM_WEIGHTS} was trained with other HMST weights than "
                                       f"{folder}'s model; retrain the stage that wrote it")
             for name, part in parts.items():
@@ -256,6 +257,12 @@ class HMSTSystem:
         system = cls(model, model.tokenizer, config=dataclass_from_dict(SystemConfig, meta["system"], "system config"),
                      **parts)
         return system, int(meta["stage"])
+
+
+def model_digest(model) -> str:
+    """The digest of the model's weights in float32, so that a release stored in bfloat16 and loaded
+    in float32 still matches the parts trained with it."""
+    return weights_digest(copy.deepcopy(model).float())
 
 
 def is_correct(answer_text: str, truth: str | None) -> bool:
