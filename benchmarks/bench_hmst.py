@@ -256,7 +256,7 @@ def report(res: dict, args) -> str:
                           "time vs full"], gate_rows),
           f"\nAn expert-sized fp32 product ((512, 512) x (512, 2048)) runs at {2 * rate / 1e9:.1f} GFLOP/s on "
           f"this thread count. " + "; ".join(ceilings) + ".\n",
-          "\nTargets (issue, x the quoted figures): " + "; ".join(checks) + ".\n"]
+          "\nTargets (x the quoted figures): " + "; ".join(checks) + ".\n"]
     return "\n".join(md)
 
 
