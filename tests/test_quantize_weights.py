@@ -1,4 +1,4 @@
-"""Weight-only quantization (q8_0, q4_0, int4) of the from-scratch families: packing, error bounds,
+"""Weight-only quantization (q8_0, q4_0, int4, q2_k) of the from-scratch families: packing, error bounds,
 save/load through load_model, generation, file sizes, clear errors."""
 
 import json
@@ -10,19 +10,20 @@ from hiermem.cli import main
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.evaluation.readers import model_greedy
 from hiermem.inference.quantize import quantize
-from hiermem.inference.quantize_weights import (FORMATS, GROUP, QuantizedWeight, dequantize_tensor, quantize_model,
-                                                quantize_tensor, select_weights, set_dequant_mode)
+from hiermem.inference.quantize_weights import (FORMATS, GROUP, SUB, SUPER, QuantizedWeight, dequantize_tensor,
+                                                quantize_model, quantize_tensor, select_weights, set_dequant_mode)
 from hiermem.models import load_model
 from scratch_family import save_with_byte_tokenizer
 
 # max |logit change| / max |float logit| of the tiny random models below (every matrix quantized,
 # heads included), measured 0.006-0.015 (q8_0) and 0.07-0.26 (q4_0, int4: a step 18x q8_0's)
 TOLERANCE = {"q8_0": 0.03, "q4_0": 0.4, "int4": 0.4}
+GROUPED = [f for f in FORMATS if f != "q2_k"]  # q2_k has its own blocks (256 / 16) and tests
 
 
 def _roundtrip(w, fmt):
     d = quantize_tensor(w, fmt)
-    return dequantize_tensor(d["packed"], d["scales"], fmt, w.shape[-1], d.get("mins")), d
+    return dequantize_tensor(d["packed"], d["scales"], fmt, w.shape[-1], d.get("mins"), sup=d.get("super")), d
 
 
 @pytest.mark.parametrize("fmt, levels", [("q4_0", range(-7, 8)), ("q8_0", range(-127, 128)), ("int4", range(16))])
@@ -38,7 +39,7 @@ def test_representable_values_are_recovered_exactly(fmt, levels):
     assert d["packed"].shape[-1] == 4 * GROUP // (2 if fmt != "q8_0" else 1)  # two 4-bit values per byte
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", GROUPED)
 @pytest.mark.parametrize("shape", [(17, 96), (3, 5, 70), (4, 7)])  # 70, 7: the last group is padded
 def test_error_is_at_most_half_a_step_per_group(fmt, shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.1
@@ -96,8 +97,51 @@ def saved(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("shape", [(9, 512), (2, 3, 300)])  # 300: the last super-block is padded
+def test_q2k_error_is_within_a_half_step_and_the_minimum_code(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.1
+    w.view(-1)[3] = 2.5  # an outlier widens one sub-block's step only
+    back, d = _roundtrip(w, "q2_k")
+    assert back.shape == w.shape and d["packed"].dtype == torch.uint8
+    S = -(-shape[-1] // SUPER)
+    assert d["packed"].shape[-1] == S * SUPER // 4 and d["scales"].shape[-1] == S * SUPER // SUB
+    sup = d["super"].float()
+    sc, m = (d["scales"] & 15).float(), (d["scales"] >> 4).float()
+    step = (sup[..., 0].repeat_interleave(SUPER // SUB, -1) * sc).repeat_interleave(SUB, -1)[..., :shape[-1]]
+    slack = (0.5 * sup[..., 1]).repeat_interleave(SUPER, -1)[..., :shape[-1]]  # rounding the minimum to its code
+    assert bool(((back - w).abs() <= 0.5 * step + slack + 1e-6).all())
+    bits = 8 * sum(d[k].numel() * d[k].element_size() for k in d) / w.numel()
+    assert bits <= 2.625 * (S * SUPER / shape[-1]) + 1e-9  # 2 bits + 4-bit codes per 16 + two fp16 per 256
+    zeros, _ = _roundtrip(torch.zeros(2, 256), "q2_k")
+    assert torch.equal(zeros, torch.zeros(2, 256))
+
+
+def test_q2k_quantizes_the_wide_matrices_of_a_model_loads_and_generates(tmp_path):
+    from hiermem.models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    make = lambda v: Transformer(TransformerConfig(vocab_size=v, hidden_size=256, num_layers=1, num_heads=4,  # noqa: E731
+                                                   context_length=32, tie_embeddings=False))
+    model, _ = save_with_byte_tokenizer(make, tmp_path)
+    model.eval()
+    assert main(["quantize", "--model", str(tmp_path / "m"), str(tmp_path / "q2"), "--format", "q2_k"]) == 0
+    assert main(["quantize", "--model", str(tmp_path / "m"), str(tmp_path / "q4"), "--format", "q4_0"]) == 0
+    q = load_model(tmp_path / "q2")
+    holders = [m for m in q.modules() if isinstance(m, QuantizedWeight)]
+    assert holders and all(h.fmt == "q2_k" and h.shape[-1] >= SUPER for h in holders)
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.no_grad():
+        ref, got, four = model(ids).logits, q(ids).logits, load_model(tmp_path / "q4")(ids).logits
+    err2, err4 = (float((x - ref).abs().max() / ref.abs().max()) for x in (got, four))
+    assert 0 < err4 < err2 < 1.5, (err4, err2)  # 2 bits cost more than 4, and the model still computes
+    size = lambda f: (tmp_path / f / "quantized.safetensors").stat().st_size  # noqa: E731
+    assert size("q2") < size("q4")
+    out = model_greedy(q, ids[0, :6], 5)
+    assert len(out) == 5
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", GROUPED)
 def test_each_family_quantizes_saves_loads_and_generates(saved, tmp_path, family, fmt):
     model, folder = saved[family]
     assert main(["quantize", "--model", str(folder), str(tmp_path / "q"), "--format", fmt, "--include-head"]) == 0
@@ -142,7 +186,7 @@ def test_files_shrink_as_the_format_says(saved, tmp_path):
     _, folder = saved["hrmlm"]  # every matrix has a multiple of 32 inputs: no padding
     fp32 = (folder / "model.safetensors").stat().st_size
     sizes = {}
-    for fmt in FORMATS:
+    for fmt in GROUPED:
         assert quantize(str(tmp_path / fmt), str(folder), format=fmt, include_head=True) == 0
         sizes[fmt] = (tmp_path / fmt / "quantized.safetensors").stat().st_size
     # bytes per weight: 4 (fp32) -> 1 + 2/32 (q8_0), 0.5 + 2/32 (q4_0), 0.5 + 4/32 (int4), ratios 0.27,
@@ -155,13 +199,15 @@ def test_files_shrink_as_the_format_says(saved, tmp_path):
 
 def test_bad_inputs_give_clear_errors(saved, tmp_path, capsys):
     _, folder = saved["transformer"]
-    with pytest.raises(ConfigError, match="from-scratch model quantizes to q8_0, q4_0, int4"):
+    with pytest.raises(ConfigError, match="from-scratch model quantizes to q8_0, q4_0, int4, q2_k"):
         quantize(str(tmp_path / "a"), str(folder), format="int8")
     with pytest.raises(ConfigError, match="unknown weight format 'q3_k'"):
         quantize_tensor(torch.zeros(2, 32), "q3_k")
     with pytest.raises(SystemExit):  # the command line lists the choices
-        main(["quantize", "--model", str(folder), str(tmp_path / "b"), "--format", "q2_k"])
+        main(["quantize", "--model", str(folder), str(tmp_path / "b"), "--format", "q3_k"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="q2_k quantizes weights of >= 256 inputs"):  # this model is 64 wide
+        quantize(str(tmp_path / "narrow"), str(folder), format="q2_k")
     (tmp_path / "empty").mkdir()
     assert main(["quantize", "--model", str(tmp_path / "empty"), str(tmp_path / "c"), "--format", "q4_0"]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err

@@ -259,7 +259,7 @@ def load_quantized(folder: str | Path, **overrides):
 
     folder = Path(folder)
     info = read_json(folder / MARKER)
-    if info.get("scheme") == quantize_weights.SCHEME:  # a from-scratch family, weight-only q8_0 / q4_0 / int4
+    if info.get("scheme") == quantize_weights.SCHEME:  # a from-scratch family, weight-only
         return quantize_weights.load_weight_quantized(folder, **overrides)
     if info.get("scheme") != SCHEME:
         raise CheckpointError(f"{folder}: unknown quantization scheme {info.get('scheme')!r} (expected {SCHEME} "
@@ -293,11 +293,11 @@ def load_quantized(folder: str | Path, **overrides):
     return spec.model_class().from_pretrained(folder, backbone=bb, **overrides).eval()
 
 
-def quantize(output: str, model: str | None = None, format: Literal["int8", "q8_0", "q4_0", "int4"] | None = None,
+def quantize(output: str, model: str | None = None, format: Literal["int8", "q8_0", "q4_0", "int4", "q2_k"] | None = None,
              include_head: bool = True, keep_float: list[str] | None = None, smooth: bool = True,
              alpha: float = 0.8, calibration_file: str | None = None) -> int:
     """Quantize a model for CPU inference and save it: an HMT's backbone to int8 (dynamic,
-    per-channel), a from-scratch model's weights to q8_0, q4_0 or int4 (weight-only, groups of 32).
+    per-channel), a from-scratch model's weights to q8_0, q4_0, int4 (weight-only, groups of 32) or q2_k.
 
     The folder written loads anywhere a model is taken (`hiermem generate --model FOLDER`, chat,
     serve). `benchmarks/bench_quantize.py` (HMT) and `benchmarks/bench_quantize_weights.py`
@@ -307,7 +307,8 @@ def quantize(output: str, model: str | None = None, format: Literal["int8", "q8_
         output: folder to write the quantized model to
         model: checkpoint folder or released weights name (default: the bundled default model)
         format: int8 (HMT checkpoints, their default); q8_0, q4_0 or int4 (from-scratch models, default
-            q8_0): 8 or 4 bits per weight with one fp16 scale per 32 weights (int4 adds a per-group minimum)
+            q8_0): 8 or 4 bits per weight with one fp16 scale per 32 weights (int4 adds a per-group minimum);
+            q2_k: 2.625 bits per weight in llama.cpp's k-quant layout (weights with >= 256 inputs)
         include_head: quantize the LM head too (from-scratch models: the embedding tables and output heads;
             on the released ones it costs at most 0.005 bpb more than leaving them in float and makes the
             file 2-4x smaller)

@@ -7,9 +7,14 @@ fp16 scale per group, rounded up so no value leaves the integer range):
     q4_0   4-bit q in [-7, 7] (stored q + 8, two per uint8), s = max|w| / 7   4.5 bits per weight
     int4   4-bit q in [0, 15] with a per-group minimum m (fp16), w ~ m + s q, s = (max - min) / 15
                                                                        5 bits per weight
+    q2_k   llama.cpp's 2-bit k-quant layout: super-blocks of 256 weights, each 16 sub-blocks of 16;
+           q in [0, 3] (four per uint8), w ~ d sc q - dmin m with 4-bit sub-block codes sc, m and
+           fp16 super-block scales d, dmin                             2.625 bits per weight
+           (only weights with >= 256 inputs; the others stay in float)
 
 The error of every weight is at most half its group's step s (``int4``: half a step plus the
-rounding of m to fp16).
+rounding of m to fp16; ``q2_k``: half a step d sc plus the rounding of the sub-block minimum to
+the code m).
 
 How a model keeps working unchanged: each chosen weight Parameter (an ``nn.Linear``'s ``weight``,
 a GRU cell's ``weight_ih``/``weight_hh``, MoE expert stacks ``w_in``/``w_out``; with ``include_head``,
@@ -44,9 +49,10 @@ MARKER = "quantization.json"
 WEIGHTS = "quantized.safetensors"
 GROUP = 32
 MIN_SCALE = 2.0 ** -14  # fp16's smallest normal: the step of all-zero or tiny groups
-FORMATS = ("q8_0", "q4_0", "int4")
+FORMATS = ("q8_0", "q4_0", "int4", "q2_k")
 DEQUANT_MODES = ("read", "forward", "resident")
-BITS = {"q8_0": 8, "q4_0": 4, "int4": 4}
+BITS = {"q8_0": 8, "q4_0": 4, "int4": 4, "q2_k": 2}
+SUPER, SUB = 256, 16  # q2_k: weights per super-block and per sub-block
 SUFFIX = "_quant"
 HEAD_NAMES = ("head", "lm_head", "embed_out")  # module/parameter names of output heads
 MATRIX_PREFIXES = ("weight", "w_")  # parameter names read as matrices (Linear, GRU cells, MoE experts)
@@ -75,6 +81,8 @@ def quantize_tensor(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     2j in the low nibble, 2j + 1 in the high one), "scales" (..., G) fp16 and, for int4, "mins" (..., G) fp16.
     """
     _check_format(fmt)
+    if fmt == "q2_k":
+        return _quantize_q2k(w)
     n = w.shape[-1]
     G = -(-n // GROUP)
     x = torch.nn.functional.pad(w.detach().float(), (0, G * GROUP - n)).reshape(*w.shape[:-1], G, GROUP)
@@ -98,9 +106,42 @@ def quantize_tensor(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _quantize_q2k(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q2_k of w (..., n), zero-padded to whole super-blocks: "packed" (..., S * 64) uint8 (element
+    4j + i in bits 2i..2i+1 of byte j), "scales" (..., S * 16) uint8 (sc | m << 4 per sub-block),
+    "super" (..., S, 2) fp16 (d, dmin)."""
+    n = w.shape[-1]
+    S = -(-n // SUPER)
+    x = torch.nn.functional.pad(w.detach().float(), (0, S * SUPER - n)).reshape(*w.shape[:-1], S, SUPER // SUB, SUB)
+    lo = x.amin(-1).clamp(max=0.0)  # (..., S, 16): sub-block minimum, never above 0
+    step = ((x.amax(-1) - lo) / 3).clamp(min=MIN_SCALE)  # the sub-block's float step
+    d = _round_up_half((step.amax(-1) / 15).clamp(min=MIN_SCALE))  # (..., S)
+    dmin = _round_up_half(((-lo).amax(-1) / 15).clamp(min=MIN_SCALE))
+    sc = (step / d.float()[..., None]).ceil().clamp(1, 15)  # rounded up: the codes' range still covers the block
+    m = (-lo / dmin.float()[..., None]).round().clamp(0, 15)
+    q = ((x + (dmin.float()[..., None] * m)[..., None]) / (d.float()[..., None] * sc)[..., None])
+    q = q.round().clamp(0, 3).to(torch.uint8).flatten(-3)  # (..., S * 256)
+    q = q.view(*q.shape[:-1], -1, 4)
+    packed = q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
+    codes = (sc.to(torch.uint8) | (m.to(torch.uint8) << 4)).flatten(-2)
+    return {"packed": packed.contiguous(), "scales": codes.contiguous(), "super": torch.stack([d, dmin], -1)}
+
+
+def _dequantize_q2k(packed: torch.Tensor, codes: torch.Tensor, sup: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    S = sup.shape[-2]
+    q = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], -1).view(*packed.shape[:-1], S, SUPER // SUB, SUB)
+    sc, m = (codes & 0x0F).to(dtype), (codes >> 4).to(dtype)
+    sc, m = sc.view(*codes.shape[:-1], S, SUPER // SUB), m.view(*codes.shape[:-1], S, SUPER // SUB)
+    d, dmin = sup[..., 0].to(dtype)[..., None], sup[..., 1].to(dtype)[..., None]
+    w = q.to(dtype) * (d * sc)[..., None] - (dmin * m)[..., None]
+    return w.flatten(-3)[..., :n]
+
+
 def dequantize_tensor(packed: torch.Tensor, scales: torch.Tensor, fmt: str, n: int,
-                      mins: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-    """The float tensor (..., n) of :func:`quantize_tensor`'s output (padding dropped)."""
+                      mins: torch.Tensor | None = None, dtype=torch.float32, sup: torch.Tensor | None = None) -> torch.Tensor:
+    """The float tensor (..., n) of :func:`quantize_tensor`'s output (padding dropped; ``sup``: q2_k's "super")."""
+    if fmt == "q2_k":
+        return _dequantize_q2k(packed, scales, sup, n, dtype)
     G = scales.shape[-1]
     if BITS[fmt] == 4:
         q = torch.stack([packed & 0x0F, packed >> 4], -1).view(*packed.shape[:-1], G, GROUP)
@@ -122,9 +163,16 @@ class QuantizedWeight(nn.Module):
         self.fmt, self.shape, self.dtype, self.cache = _check_format(fmt), tuple(shape), dtype, False
         *lead, n = self.shape
         G = -(-n // GROUP)
-        width = G * GROUP if BITS[fmt] == 8 else G * GROUP // 2
-        self.register_buffer("packed", torch.zeros(*lead, width, dtype=torch.int8 if fmt == "q8_0" else torch.uint8))
-        self.register_buffer("scales", torch.zeros(*lead, G, dtype=torch.float16))
+        if fmt == "q2_k":
+            S = -(-n // SUPER)
+            self.register_buffer("packed", torch.zeros(*lead, S * SUPER // 4, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(*lead, S * SUPER // SUB, dtype=torch.uint8))
+            self.register_buffer("super", torch.zeros(*lead, S, 2, dtype=torch.float16))
+        else:
+            width = G * GROUP if BITS[fmt] == 8 else G * GROUP // 2
+            self.register_buffer("packed", torch.zeros(*lead, width, dtype=torch.int8 if fmt == "q8_0" else torch.uint8))
+            self.register_buffer("scales", torch.zeros(*lead, G, dtype=torch.float16))
+            self.register_buffer("super", None)
         self.register_buffer("mins", torch.zeros(*lead, G, dtype=torch.float16) if fmt == "int4" else None)
         self.register_buffer("dequantized", None, persistent=False)
 
@@ -138,7 +186,7 @@ class QuantizedWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         if self.dequantized is not None:
             return self.dequantized
-        w = dequantize_tensor(self.packed, self.scales, self.fmt, self.shape[-1], self.mins, self.dtype)
+        w = dequantize_tensor(self.packed, self.scales, self.fmt, self.shape[-1], self.mins, self.dtype, self.super)
         if self.cache:
             self.dequantized = w
         return w
@@ -147,7 +195,7 @@ class QuantizedWeight(nn.Module):
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "dequantized")
 
     def extra_repr(self) -> str:
-        return f"{self.fmt}, shape={self.shape}, group={GROUP}"
+        return f"{self.fmt}, shape={self.shape}, group={SUPER if self.fmt == 'q2_k' else GROUP}"
 
 
 _CLASSES: dict[tuple[type, frozenset], type] = {}
@@ -195,10 +243,12 @@ def _tied_places(model: nn.Module) -> dict[int, list[str]]:
     return places
 
 
-def select_weights(model: nn.Module, include_head: bool = False) -> list[str]:
+def select_weights(model: nn.Module, include_head: bool = False, fmt: str = "q8_0") -> list[str]:
     """Names (first name of tied ones) of the floating parameters to quantize: those named
-    ``weight*`` / ``w_*`` with 2+ dimensions and at least GROUP inputs outside norm layers, plus
-    embedding tables and heads with ``include_head``; a parameter tied to a head counts as a head."""
+    ``weight*`` / ``w_*`` with 2+ dimensions and at least GROUP inputs (q2_k: SUPER) outside norm
+    layers, plus embedding tables and heads with ``include_head``; a parameter tied to a head counts
+    as a head."""
+    least = SUPER if fmt == "q2_k" else GROUP
     places = _tied_places(model)
     out = []
     for n, p in model.named_parameters():
@@ -208,7 +258,7 @@ def select_weights(model: nn.Module, include_head: bool = False) -> list[str]:
         matrix = (isinstance(owner, (nn.Linear, nn.Embedding)) or leaf.startswith(MATRIX_PREFIXES)
                   or (owner is model and leaf in HEAD_NAMES))
         norm = "norm" in type(owner).__name__.lower() or "norm" in leaf
-        if (p.is_floating_point() and p.dim() >= 2 and p.shape[-1] >= GROUP and matrix and not norm
+        if (p.is_floating_point() and p.dim() >= 2 and p.shape[-1] >= least and matrix and not norm
                 and (include_head or not head)):
             out.append(n)
     return out
@@ -219,7 +269,7 @@ def quantize_model(model: nn.Module, fmt: str, include_head: bool = False, names
     """Quantize ``model``'s weights ``names`` (default :func:`select_weights`) in place; tied
     places share one holder. ``empty``: install zero holders (to load stored ones into). Returns names."""
     _check_format(fmt)
-    names = select_weights(model, include_head) if names is None else list(names)
+    names = select_weights(model, include_head, fmt) if names is None else list(names)
     params, places = dict(model.named_parameters()), _tied_places(model)
     for name in names:
         if name not in params:
@@ -323,9 +373,10 @@ def quantize_folder(model_spec_or_folder: str | None, output: str | Path, fmt: s
 
     model = load_model(model_spec_or_folder, device="cpu", dtype=torch.float32).eval()
     params = dict(model.named_parameters())
-    names = select_weights(model, include_head)
+    names = select_weights(model, include_head, fmt)
     if not names:
-        raise ConfigError(f"this {model.config.model_type} has no weight matrix to quantize")
+        need = f" (q2_k quantizes weights of >= {SUPER} inputs only)" if fmt == "q2_k" else ""
+        raise ConfigError(f"this {model.config.model_type} has no weight matrix to quantize{need}")
     before = sum(params[n].numel() * params[n].element_size() for n in names)
     quantize_model(model, fmt, names=names)
     holders = {id(m): m for m in model.modules() if isinstance(m, QuantizedWeight)}
