@@ -156,3 +156,20 @@ def test_stage_commands_run_in_order_and_refuse_the_wrong_stage_or_size(folder, 
     assert policies["oracle"]["reward"] >= max(p["reward"] for p in policies.values()) - 1e-6
     system, stage = HMSTSystem.load(s3 / "final")
     assert stage == 3 and system.controller is not None and system.critic is not None
+
+
+def test_the_released_system_loads_and_answers_from_its_store():
+    from hiermem.models import released_weights
+
+    if released_weights("hmst-micro-facts") is None:
+        pytest.skip("hmst-micro-facts is not installed")
+    system, stage = HMSTSystem.load("hmst-micro-facts")
+    assert stage == 3 and system.retriever and system.controller and system.critic
+    doc = FactsTask(load_filler("shakespeare", "test"), 1500, seed=11).document(0)
+    session = system.new_session("doc")
+    system.read_ids(session, torch.tensor([document_tokens(system.tokenizer, doc)[0]]))
+    question = next(q for q in doc.questions if q.answer is not None)
+    forced = system.answer(session, question.prompt(), {"semantic": True, "episodic": True})
+    assert forced.retrieved and forced.text  # it read a stored chunk back and answered something
+    chosen = system.answer(session, question.prompt())  # the controller's gates
+    assert set(chosen.gates) == set(all_gates()) and chosen.text == system.answer(session, question.prompt()).text

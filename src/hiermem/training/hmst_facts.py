@@ -4,10 +4,11 @@
   token position is known exactly; the system reads these same ids.
 - :class:`FactsQALoader`: stage-2 batches (``TaskBatch``: ids, labels on the answer or on every
   token) for the shared trainer, rows of one fixed length, a pure function of (seed, index):
-  1. *retrieval* (half the rows): the document's chunk holding the fact (chunked as the
-     consolidator chunks it) or, for a never-stated fact, another chunk (half the time one stating
-     another entity's fact), then the question and its answer (" unknown" then): the model learns
-     to copy from what retrieval reads back, and to say unknown otherwise;
+  1. *retrieval* (half the rows, each packing as many units as fit): the document's chunk holding
+     the fact (chunked as the consolidator chunks it) or, for a never-stated fact, another chunk
+     (half the time one stating another entity's fact), then the question and its answer
+     (" unknown" then): the model learns to copy from what retrieval reads back, and to say
+     unknown otherwise;
   2. *episodic* (a quarter): a stretch of the document whose fact lies more than the attention
      window before the question: only the SSM can carry it;
   3. *text* (a quarter): a window of the document whose last ``TEXT_SCORED`` tokens are scored, so
@@ -88,34 +89,44 @@ class FactsQALoader(RowLoader):
             row = ids[a:a + self.length]
             scored = min(TEXT_SCORED, len(row))
             return self._left_pad(row, [-100] * (len(row) - scored) + row[len(row) - scored:], ids)
-        question = rng.choice(doc.questions)
-        q = tokenize(self.tokenizer, "\n" + question.prompt())
-        target = tokenize(self.tokenizer, question.target())
-        stated = question.fact_at is not None
-        fact_pos = starts[doc.fact_offsets.index(question.fact_at)] if stated else None
-        if kind == 0:  # retrieval
+        if kind == 0:  # retrieval: as many (chunk, question, answer) units as fit, each scored on its answer
             spans = chunk_spans(ids, self.chunk_tokens, self.newlines)
-            if stated:
-                pick = chunk_of(spans, fact_pos)
-            elif starts and rng.random() < 0.5:  # another entity's fact: the answer must match the entity
-                pick = chunk_of(spans, rng.choice(starts))
-            else:
-                pick = rng.randrange(len(spans))
-            a, b = spans[pick]
-            context = ids[max(0, len(ids) - self.length):]  # the document's end comes before the answer
-            row = context + ids[a:b] + q
-        else:  # episodic: the fact sits more than the window before the question
-            room = self.length - len(q) - len(target)
-            if stated:
-                gap = rng.randrange(self.window, max(self.window + 1, room - 16))
-                a = max(0, fact_pos - (room - gap))
-                row = ids[a:fact_pos + 16] + ids[fact_pos + 16: a + room] + q
-            else:
-                a = rng.randrange(max(1, len(ids) - room + 1))
-                row = ids[a:a + room] + q
+            row, labels = [], []
+            while True:
+                q, target, fact_pos = self._question(rng, doc, starts)
+                if fact_pos is not None:
+                    pick = chunk_of(spans, fact_pos)
+                elif starts and rng.random() < 0.5:  # another entity's fact: the answer must match the entity
+                    pick = chunk_of(spans, rng.choice(starts))
+                else:
+                    pick = rng.randrange(len(spans))
+                a, b = spans[pick]
+                unit = ids[a:b] + q
+                if row and len(row) + len(unit) + len(target) > self.length:
+                    break
+                row += unit + target
+                labels += [-100] * len(unit) + target
+            return self._left_pad(row[-self.length:], labels[-self.length:], ids)
+        q, target, fact_pos = self._question(rng, doc, starts)
+        room = self.length - len(q) - len(target)  # episodic: the fact sits more than the window before
+        if fact_pos is not None:
+            gap = rng.randrange(self.window, max(self.window + 1, room - 16))
+            a = max(0, fact_pos - (room - gap))
+            row = ids[a:a + room] + q
+        else:
+            a = rng.randrange(max(1, len(ids) - room + 1))
+            row = ids[a:a + room] + q
         row = (row + target)[-self.length:]
         labels = [-100] * (len(row) - len(target)) + target
         return self._left_pad(row, labels, ids)
+
+    def _question(self, rng: random.Random, doc: FactDocument, starts: list[int]):
+        """A random question of ``doc``: (its tokens, its answer's tokens, the fact's first token or None)."""
+        question = rng.choice(doc.questions)
+        q = tokenize(self.tokenizer, "\n" + question.prompt())
+        target = tokenize(self.tokenizer, question.target())
+        fact = starts[doc.fact_offsets.index(question.fact_at)] if question.fact_at is not None else None
+        return q, target, fact
 
     def _left_pad(self, row: list[int], labels: list[int], pad_from: list[int]):
         """Fill a short row on the left with the document's own text (unscored)."""
@@ -131,21 +142,29 @@ class FactsQALoader(RowLoader):
 
 @torch.no_grad()
 def row_accuracy(model, loader: FactsQALoader, rows: int = 64, start: int = 0) -> dict:
-    """Teacher-forced exact-match accuracy of the answers of ``rows`` loader rows (text rows
-    skipped), by kind ("retrieval", "episodic") and by whether the fact was stated."""
+    """Teacher-forced exact-match accuracy of the answers in ``rows`` loader rows (text rows
+    skipped; each run of scored tokens is one answer), by kind ("retrieval", "episodic") and by
+    whether the fact was stated."""
     hits: dict[str, list[int]] = {}
     for i in range(start, start + rows):
         kind = ("retrieval", "retrieval", "episodic", None)[i % 4]
         if kind is None:
             continue
-        ids, labels = (torch.tensor([t]) for t in loader.row(i))
-        logits = model(ids, return_logits=True).logits[0, :-1]  # (T - 1, V): position t predicts t + 1
-        target = labels[0, 1:]
-        scored = target != -100
-        ok = bool((logits[scored].argmax(-1) == target[scored]).all())
-        unknown = loader.tokenizer.decode(target[scored].tolist()).strip() == "unknown"
-        for key in (kind, f"{kind}_{'unstated' if unknown else 'stated'}"):
-            hits.setdefault(key, []).append(int(ok))
+        ids, labels = loader.row(i)
+        pred = model(torch.tensor([ids]), return_logits=True).logits[0].argmax(-1).tolist()  # pred[t] guesses t + 1
+        t = 1
+        while t < len(labels):
+            if labels[t] == -100:
+                t += 1
+                continue
+            end = t
+            while end < len(labels) and labels[end] != -100:
+                end += 1
+            ok = all(pred[j - 1] == labels[j] for j in range(t, end))
+            unknown = loader.tokenizer.decode(labels[t:end]).strip() == "unknown"
+            for key in (kind, f"{kind}_{'unstated' if unknown else 'stated'}"):
+                hits.setdefault(key, []).append(int(ok))
+            t = end
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 

@@ -129,10 +129,13 @@ def _metrics(table: RewardTable, actions: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate_policies(table: RewardTable, controller, train_table: RewardTable | None = None) -> dict:
-    """Metrics of fixed gate settings, the controller (greedy) and the per-question oracle."""
+    """Metrics of fixed gate settings ("stage2": every gate but verification open, i.e. the system
+    before stage 3 trained its critic and controller), the controller (greedy) and the
+    per-question oracle."""
     n = table.features.shape[0]
     fixed = lambda **open_: torch.tensor([[float(open_.get(g, False)) for g in GATES]]).expand(n, -1)  # noqa: E731
-    out = {"all_open": _metrics(table, fixed(**{g: True for g in GATES})),
+    out = {"stage2": _metrics(table, fixed(**{g: True for g in RUN_GATES})),  # before stage 3: no critic
+           "all_open": _metrics(table, fixed(**{g: True for g in GATES})),
            "all_closed": _metrics(table, fixed()),
            "no_semantic": _metrics(table, fixed(**{g: True for g in GATES if g != "semantic"})),
            "controller": _metrics(table, controller.greedy(table.features).actions)}

@@ -131,7 +131,8 @@ def run_stage3(model_path: str, output_dir: str, facts_documents: int = 48, docu
     critic = Critic(CriticConfig(feature_dim=system.feature_dim + CRITIC_EXTRA))
     system.critic = critic
     feats, wrong = RewardTable.critic_data(records["train"])
-    losses = fit_critic(critic, feats, wrong, epochs=60, generator=torch.Generator().manual_seed(seed))
+    losses = fit_critic(critic, feats, wrong, epochs=60, weight_decay=0.05, generator=torch.Generator().manual_seed(seed),
+                        validation=RewardTable.critic_data(records["validation"]))
     budget = system.answer_budget()
     tables = {s: RewardTable.build(r, critic, budget) for s, r in records.items()}
     controller = MetaController(ControllerConfig(feature_dim=system.feature_dim, max_steps=1))
@@ -139,6 +140,7 @@ def run_stage3(model_path: str, output_dir: str, facts_documents: int = 48, docu
     system.controller = controller
     report = {"stage": 3, "from": str(model_path), "from_stage": stage, "questions": {s: len(r) for s, r in records.items()},
               "answering_seconds": round(answered, 1), "critic_final_loss": losses[-1],
+              "critic_best_epoch": critic.best_epoch, "critic_val_loss": critic.best_val_loss,
               "ppo": history[-1] if history else {}, "budget": {"flops": budget[0], "latency_units": budget[1]},
               "validation": evaluate_policies(tables["validation"], controller, tables["train"]),
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -60,17 +60,18 @@ class Critic(nn.Module):
 
 def fit_critic(critic: Critic, features: torch.Tensor, wrong: torch.Tensor, epochs: int = 20, lr: float = 3e-3,
                batch_size: int = 256, weight_decay: float = 0.0,
-               generator: torch.Generator | None = None) -> list[float]:
+               generator: torch.Generator | None = None, validation: tuple | None = None) -> list[float]:
     """Train on features (N, F) and wrong (N,) in {0, 1} with BCE (AdamW, shuffled minibatches);
-    returns the mean loss of each epoch."""
+    returns the mean loss of each epoch. ``validation`` (features, wrong): keep the weights of the
+    epoch with the lowest validation BCE (early stopping) and record it as ``critic.best_epoch``."""
     if features.shape[0] != wrong.shape[0]:
         raise ValueError(f"{features.shape[0]} feature rows but {wrong.shape[0]} labels")
     opt = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=weight_decay)
     target = wrong.float()
     n = features.shape[0]
-    history = []
-    critic.train()
+    history, best = [], None
     for _ in range(epochs):
+        critic.train()
         perm = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, batch_size):
@@ -81,6 +82,14 @@ def fit_critic(critic: Critic, features: torch.Tensor, wrong: torch.Tensor, epoc
             opt.step()
             total += float(loss.detach()) * len(idx)
         history.append(total / n)
+        if validation is not None:
+            with torch.no_grad():
+                val = float(F.binary_cross_entropy_with_logits(critic(validation[0]), validation[1].float()))
+            if best is None or val < best[0]:
+                best = (val, len(history), {k: v.clone() for k, v in critic.state_dict().items()})
+    if best is not None:
+        critic.load_state_dict(best[2])
+        critic.best_epoch, critic.best_val_loss = best[1], best[0]
     critic.eval()
     return history
 

@@ -226,13 +226,14 @@ class HMSTSystem:
 
     @classmethod
     def load(cls, folder, model=None) -> tuple["HMSTSystem", int]:
-        """(system, stage) from a folder written by :meth:`save`, or a plain HMST folder (stage 1)."""
-        from hiermem.models import load_model
+        """(system, stage) from a folder written by :meth:`save` (or a released name), or a plain HMST
+        folder (stage 1). Weights stored in bfloat16 load in float32."""
+        from hiermem.models import load_model, model_folder
         from hiermem.models.hmst.controller import ControllerConfig, MetaController
         from hiermem.models.hmst.critic import Critic, CriticConfig
         from hiermem.models.hmst.retriever import Retriever, RetrieverConfig
 
-        folder = Path(folder)
+        folder = model_folder(folder)  # a folder or a released-weights name
         model = model if model is not None else load_model(folder)
         if model.config.model_type != "hmst":
             raise CheckpointError(f"{folder} holds a {model.config.model_type} model, not hmst")
