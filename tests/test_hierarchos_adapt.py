@@ -212,9 +212,10 @@ def test_cli_finetune_merge_and_expand_end_to_end(tmp_path, capsys):
     # equal up to float32 rounding, which this small fast-trained recurrence amplifies: the merged
     # model may differ from the adapted one by no more than the adapted one differs from itself in float64
     adapted = load_adapted(final)
-    exact = load_adapted(final).double()(x).logits
-    rounding = float((adapted(x).logits.double() - exact).abs().max())
-    assert float((merged(x).logits - adapted(x).logits).abs().max()) <= 2 * rounding + 1e-6
+    with torch.no_grad():
+        exact = load_adapted(final).double()(x).logits
+        rounding = float((adapted(x).logits.double() - exact).abs().max())
+        assert float((merged(x).logits - adapted(x).logits).abs().max()) <= 2 * rounding + 1e-6
     assert (merged(x).logits - load_model(base)(x).logits).abs().max() > 1e-3  # the fine-tuning changed it
     assert main(["expand", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "big"),
                  "--context-dim", "16", "--l-hidden", "18", "--max-length", "32"]) == 0
