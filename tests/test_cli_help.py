@@ -52,3 +52,17 @@ def test_train_hmt_help_tells_the_real_stage2_unroll(capsys):
     text = _help(capsys, ["train", "hmt"])
     assert f"stage 2 unrolls {default} segments" in text
     assert re.findall(r"stage 2 unrolls (\d+) segments", text) == [str(default)]
+
+
+def test_underscore_spellings_of_options_are_accepted(tmp_path, capsys):
+    # the seed projects spell options with underscores (--lora_r, --vocab_size): both spellings parse
+    from hiermem.cli import main
+
+    common = ["tokenizer", "train", "--type", "byte", "--max-documents", "2"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--text_column=text"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--text-column", "text"]) == 0
+    a, b = ((tmp_path / d / "hiermem_tokenizer.json").read_text() for d in "ab")
+    assert a == b
+    with pytest.raises(SystemExit):
+        main([*common, "--output", str(tmp_path / "c"), "--no_such_option", "1"])
+    assert "--no-such-option" in capsys.readouterr().err

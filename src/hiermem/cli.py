@@ -137,6 +137,15 @@ def build_parser(func, parser: argparse.ArgumentParser, suppress: bool = False) 
     return parser
 
 
+def _hyphenated(arg: str) -> str:
+    """``--lora_r`` (the seed projects' spelling) -> ``--lora-r``; values and ``--flag=value``'s
+    value are left as they are."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
+
+
 def _chosen(argv: list[str]) -> tuple[str | None, int]:
     """The subcommand named on the command line and its index in ``argv``."""
     for i, a in enumerate(argv):
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--version", action="version", version=f"hiermem {__version__}")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
+    argv = [_hyphenated(a) for a in (sys.argv[1:] if argv is None else argv)]
     # only the chosen command's module is imported (fast --help, no heavy imports)
     chosen, at = _chosen(argv)
     func = None
