@@ -30,12 +30,12 @@ def main() -> None:
     from hiermem.models.hmst.system import HMSTSystem
     from hiermem.training.hmst_facts import answer_all
     from hiermem.training.hmst_policy import RewardTable, evaluate_policies
-    from hiermem.training.hmst_stages import facts_task
+    from hiermem.data.facts import FactsTask
 
     system, stage = HMSTSystem.load(args.model)
     if stage != 3 or system.controller is None or system.critic is None:
         raise SystemExit(f"{args.model} is a stage-{stage} HMST; evaluate a stage-3 folder")
-    docs = facts_task("test", args.document_chars).documents(args.documents)
+    docs = FactsTask.for_split("test", args.document_chars).documents(args.documents)
     t0 = time.perf_counter()
     records = answer_all(system, docs)
     seconds = time.perf_counter() - t0

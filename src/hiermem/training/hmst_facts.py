@@ -27,20 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
-from hiermem.data.facts import FactDocument, FactsTask
+from hiermem.data.facts import UNKNOWN, FactDocument, FactsTask
 from hiermem.errors import ConfigError
 from hiermem.evaluation.loading import tokenize
 from hiermem.models.hmst.consolidation import chunk_spans
 from hiermem.models.hmst.controller import GATES
 from hiermem.models.hmst.retriever import RetrievalExample
+from hiermem.models.hmst.system import newline_ids
 from hiermem.training.recall_task import RowLoader
 
-RUN_GATES = ("semantic", "episodic", "expert_bias", "early_exit")
-TEXT_SCORED = 32  # scored tokens of a plain-text row  # the gates that change the answering passes
-
-
-def newline_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\n"))
+RUN_GATES = ("semantic", "episodic", "expert_bias", "early_exit")  # the gates that change the answering passes
+TEXT_SCORED = 32  # scored tokens of a plain-text row
 
 
 def document_tokens(tokenizer, doc: FactDocument) -> tuple[list[int], list[int]]:
@@ -70,14 +67,18 @@ class FactsQALoader(RowLoader):
         self.chunk_tokens, self.window, self.seed = chunk_tokens, attention_window, seed
         self.rank, self.world_size, self.index = rank, world_size, 0
         self.newlines = newline_ids(tokenizer)
+        self._last = None  # (index, document, ids, fact starts) of the last document read
         if self.length < 2 * attention_window:
             raise ConfigError(f"facts rows of {length} tokens are too short for an attention window of "
                               f"{attention_window}: use at least {2 * attention_window}")
 
     def _tokens(self, i: int):
-        doc = self.task.document(i)
-        ids, starts = document_tokens(self.tokenizer, doc)
-        return doc, ids, starts
+        """Document ``i`` with its tokens and fact positions (the last one is kept: four rows in a
+        row read the same document)."""
+        if self._last is None or self._last[0] != i:
+            doc = self.task.document(i)
+            self._last = (i, doc, *document_tokens(self.tokenizer, doc))
+        return self._last[1:]
 
     def row(self, i: int) -> tuple[list[int], list[int]]:
         """Row ``i``: (ids, labels), both ``length`` long."""
@@ -161,7 +162,7 @@ def row_accuracy(model, loader: FactsQALoader, rows: int = 64, start: int = 0) -
             while end < len(labels) and labels[end] != -100:
                 end += 1
             ok = all(pred[j - 1] == labels[j] for j in range(t, end))
-            unknown = loader.tokenizer.decode(labels[t:end]).strip() == "unknown"
+            unknown = loader.tokenizer.decode(labels[t:end]).strip() == UNKNOWN
             for key in (kind, f"{kind}_{'unstated' if unknown else 'stated'}"):
                 hits.setdefault(key, []).append(int(ok))
             t = end
@@ -176,8 +177,7 @@ def retrieval_examples(system, docs: list[FactDocument]) -> list[RetrievalExampl
     for doc in docs:
         session = system.new_session()
         ids, starts = document_tokens(system.tokenizer, doc)
-        hidden = system.model(torch.tensor([ids]), return_logits=False, return_hidden=True).hidden[0]
-        system.read_ids(session, torch.tensor([ids]))
+        hidden = system.read_ids(session, torch.tensor([ids]))  # (T, d)
         spans = chunk_spans(ids, system.config.chunk_tokens, system.newlines)
         chunks = [hidden[a:b].float() for a, b in spans]
         for question in doc.questions:
@@ -210,7 +210,8 @@ def full_gates(setting: tuple[bool, ...], verify: bool) -> dict:
 
 
 @torch.no_grad()
-def answer_all(system, docs: list[FactDocument], settings: list[tuple[bool, ...]] | None = None) -> list[QuestionRecord]:
+def answer_all(system, docs: list[FactDocument],
+               settings: list[tuple[bool, ...]] | None = None) -> list[QuestionRecord]:
     """Answer every question of ``docs`` under each run-gate setting (verify closed)."""
     settings = settings or gate_settings()
     records = []

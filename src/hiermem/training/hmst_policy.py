@@ -58,11 +58,12 @@ class RewardTable:
         n, shape = len(records), (len(records), len(settings), 2)
         t = {k: torch.zeros(shape) for k in ("correct", "latency", "compute", "confidence", "abstained", "valued",
                                              "flops")}
+        p_wrong = critic.p_wrong(torch.stack([r.answers[s].critic_features for r in records for s in settings])
+                                 .float()).view(n, len(settings)).tolist()  # (N, 16), one batched call
+        extra = critic.multiply_adds()
         for i, r in enumerate(records):
             for j, s in enumerate(settings):
-                a = r.answers[s]
-                p = float(critic.p_wrong(a.critic_features[None].float())[0])
-                extra = sum(q.numel() for q in critic.parameters())
+                a, p = r.answers[s], p_wrong[i][j]
                 for v in (0, 1):
                     abstain = bool(v) and p > critic.config.abstain_threshold and a.text != UNKNOWN
                     text = UNKNOWN if abstain else a.text
@@ -84,6 +85,16 @@ class RewardTable:
         bits = torch.stack([actions[:, GATES.index(g)] for g in RUN_GATES], -1).long()  # (B, 4)
         weights = 2 ** torch.arange(len(RUN_GATES) - 1, -1, -1)  # itertools.product order: first gate most significant
         return (bits * weights).sum(-1), actions[:, GATES.index("verify")].long()
+
+    @staticmethod
+    def actions(flat: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`index` over flat indices 2 s + v (B,) -> gate actions (B, 5)."""
+        s, v = flat // 2, flat % 2
+        out = torch.zeros(len(flat), len(GATES))
+        for i, g in enumerate(RUN_GATES):
+            out[:, GATES.index(g)] = ((s >> (len(RUN_GATES) - 1 - i)) & 1).float()
+        out[:, GATES.index("verify")] = v.float()
+        return out
 
     def pick(self, name: str, rows: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         s, v = self.index(actions)
@@ -140,15 +151,7 @@ def evaluate_policies(table: RewardTable, controller, train_table: RewardTable |
            "no_semantic": _metrics(table, fixed(**{g: True for g in GATES if g != "semantic"})),
            "controller": _metrics(table, controller.greedy(table.features).actions)}
     if train_table is not None:  # the best single setting on the training questions
-        best = max(range(32), key=lambda k: float(train_table.total[:, k // 2, k % 2].mean()))
-        bits = [bool(best // 2 & (1 << (len(RUN_GATES) - 1 - i))) for i in range(len(RUN_GATES))]
-        out["best_fixed"] = _metrics(table, fixed(**dict(zip(RUN_GATES, bits)), verify=bool(best % 2)))
-    flat = table.total.reshape(n, -1)
-    k = flat.argmax(-1)
-    s, v = k // 2, k % 2
-    oracle = torch.zeros(n, len(GATES))
-    for i, g in enumerate(RUN_GATES):
-        oracle[:, GATES.index(g)] = ((s >> (len(RUN_GATES) - 1 - i)) & 1).float()
-    oracle[:, GATES.index("verify")] = v.float()
-    out["oracle"] = _metrics(table, oracle)
+        best = train_table.total.reshape(train_table.total.shape[0], -1).mean(0).argmax()
+        out["best_fixed"] = _metrics(table, RewardTable.actions(best.expand(n)))
+    out["oracle"] = _metrics(table, RewardTable.actions(table.total.reshape(n, -1).argmax(-1)))
     return out

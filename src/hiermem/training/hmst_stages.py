@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 STAGE2_SETTINGS = {"ssm_drop": 0.25, "early_exit_loss_weight": 0.5}
 
 
-def load_stage(path: str, accepted: tuple[int, ...], model_size: str | None):
-    """(system, stage) of a folder written by an earlier stage; a clear error for another stage or size."""
+def load_stage(path: str, accepted: tuple[int, ...], model_size: str | None, model=None):
+    """(system, stage) of a folder written by an earlier stage (``model``: its model, already
+    loaded with other settings); a clear error for another stage or size."""
     from hiermem.models.hmst.config import PRESETS
     from hiermem.models.hmst.system import HMSTSystem
 
     if path is None:
         raise ConfigError("stages 2 and 3 start from an earlier stage's folder: give --model-path runs/hmst/final")
-    system, stage = HMSTSystem.load(path)
+    system, stage = HMSTSystem.load(path, model=model)
     if stage not in accepted:
         raise CheckpointError(f"{path} is a stage-{stage} HMST; this stage starts from stage "
                               f"{' or '.join(map(str, accepted))}")
@@ -52,32 +53,35 @@ def load_stage(path: str, accepted: tuple[int, ...], model_size: str | None):
     return system, stage
 
 
-def facts_task(split: str, document_chars: int, seed_offset: int = 0):
-    from hiermem.data.facts import SPLIT_SEEDS, FactsTask, load_filler
+def facts_splits(document_chars: int, documents: int) -> dict:
+    """split -> (its facts task, its documents): ``documents`` for training, a quarter (>= 8) for validation."""
+    from hiermem.data.facts import FactsTask
 
-    return FactsTask(load_filler("shakespeare", split), document_chars, SPLIT_SEEDS[split] + 1000 * seed_offset)
+    tasks = {s: FactsTask.for_split(s, document_chars) for s in ("train", "validation")}
+    return {s: (t, t.documents(documents if s == "train" else max(8, documents // 4))) for s, t in tasks.items()}
 
 
 def run_stage2(model_path: str, output_dir: str, steps: int = 300, batch_size: int = 8, lr: float = 5e-4,
                window: int = 256, max_minutes: float | None = None, facts_documents: int = 48,
                document_chars: int = 4000, seed: int = 0, model_size: str | None = None, **train_options) -> dict:
     """Stage 2 (see the module docstring); returns the report."""
-    from hiermem.models import load_model
+    from hiermem.io import read_json
+    from hiermem.models import load_model, model_folder
     from hiermem.models.hmst.retriever import Retriever, RetrieverConfig, fit_retriever, retrieval_accuracy
     from hiermem.training.config import TrainConfig
     from hiermem.training.hmst_facts import FactsQALoader, retrieval_examples, row_accuracy
     from hiermem.training.trainer import Trainer
 
-    system, _ = load_stage(model_path, (1,), model_size)
-    out = Path(output_dir)
-    c = system.model.config
+    saved = read_json(model_folder(model_path) / "config.json")
     # the stage-1 weights with an expert bias (zero), SSM drop-out and an early-exit loss
     model = load_model(model_path, **STAGE2_SETTINGS, expert_bias=True,
-                       early_exit_layer=c.early_exit_layer or max(1, c.num_layers // 2))
+                       early_exit_layer=saved.get("early_exit_layer") or max(1, saved["num_layers"] // 2))
+    system, _ = load_stage(model_path, (1,), model_size, model=model)
+    out = Path(output_dir)
     tok, c = model.tokenizer, model.config
-    tasks = {s: facts_task(s, document_chars) for s in ("train", "validation")}
+    splits = facts_splits(document_chars, facts_documents)
     loaders = {s: FactsQALoader(tok, t, window, batch_size, system.config.chunk_tokens, c.attention_window,
-                                seed=seed) for s, t in tasks.items()}
+                                seed=seed) for s, (t, _) in splits.items()}
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, trainable="full", max_minutes=max_minutes,
                       schedule="cosine", warmup=min(20, steps // 10), seed=seed, **train_options)
     trainer = Trainer(model, cfg, loaders["train"], loaders["validation"], output_dir=out / "checkpoints",
@@ -94,12 +98,10 @@ def run_stage2(model_path: str, output_dir: str, steps: int = 300, batch_size: i
     model = load_model(out / "lm")
     report["validation_answers"] = row_accuracy(model, loaders["validation"], rows=96)
     system = type(system)(model, model.tokenizer, config=system.config)
-    docs = {s: t.documents(facts_documents if s == "train" else max(8, facts_documents // 4))
-            for s, t in tasks.items()}
     retriever = Retriever(RetrieverConfig(hidden_size=c.hidden_size))
     system.retriever = retriever
     t0 = time.perf_counter()
-    examples = {s: retrieval_examples(system, d) for s, d in docs.items()}
+    examples = {s: retrieval_examples(system, d) for s, (_, d) in splits.items()}
     before = retrieval_accuracy(retriever, examples["validation"])
     losses = fit_retriever(retriever, examples["train"], generator=torch.Generator().manual_seed(seed))
     report["retriever"] = {"examples": len(examples["train"]), "val_recall_at_1_untrained": before,
@@ -124,21 +126,21 @@ def run_stage3(model_path: str, output_dir: str, facts_documents: int = 48, docu
     out = Path(output_dir)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    docs = {s: facts_task(s, document_chars).documents(facts_documents if s == "train" else max(8, facts_documents // 4))
-            for s in ("train", "validation")}
-    records = {s: answer_all(system, d) for s, d in docs.items()}
+    records = {s: answer_all(system, d) for s, (_, d) in facts_splits(document_chars, facts_documents).items()}
     answered = time.perf_counter() - t0
     critic = Critic(CriticConfig(feature_dim=system.feature_dim + CRITIC_EXTRA))
     system.critic = critic
     feats, wrong = RewardTable.critic_data(records["train"])
-    losses = fit_critic(critic, feats, wrong, epochs=60, weight_decay=0.05, generator=torch.Generator().manual_seed(seed),
+    losses = fit_critic(critic, feats, wrong, epochs=60, weight_decay=0.05,
+                        generator=torch.Generator().manual_seed(seed),
                         validation=RewardTable.critic_data(records["validation"]))
     budget = system.answer_budget()
     tables = {s: RewardTable.build(r, critic, budget) for s, r in records.items()}
     controller = MetaController(ControllerConfig(feature_dim=system.feature_dim, max_steps=1))
     history = train_controller(controller, tables["train"], ppo_iterations, seed)
     system.controller = controller
-    report = {"stage": 3, "from": str(model_path), "from_stage": stage, "questions": {s: len(r) for s, r in records.items()},
+    report = {"stage": 3, "from": str(model_path), "from_stage": stage,
+              "questions": {s: len(r) for s, r in records.items()},
               "answering_seconds": round(answered, 1), "critic_final_loss": losses[-1],
               "critic_best_epoch": critic.best_epoch, "critic_val_loss": critic.best_val_loss,
               "ppo": history[-1] if history else {}, "budget": {"flops": budget[0], "latency_units": budget[1]},

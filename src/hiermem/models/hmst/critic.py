@@ -47,6 +47,10 @@ class Critic(nn.Module):
             raise ConfigError(f"critic expects {self.config.feature_dim} features, got {features.shape[-1]}")
         return self.net(features).squeeze(-1)
 
+    def multiply_adds(self) -> int:
+        """Multiply-adds of scoring one answer (its parameter count: two small matrices)."""
+        return sum(p.numel() for p in self.parameters())
+
     @torch.no_grad()
     def p_wrong(self, features: torch.Tensor) -> torch.Tensor:
         """(..., F) -> (...) probability that the answer is wrong."""

@@ -57,17 +57,19 @@ class Retriever(nn.Module):
         return F.normalize((w.unsqueeze(-1) * h).sum(1) @ proj.T, dim=-1)
 
     @torch.no_grad()
-    def key_numpy(self, hidden) -> np.ndarray:
-        """One chunk's hidden states (n, d) (numpy or tensor) -> its key (dim,) float32 (a
-        :class:`~hiermem.models.hmst.consolidation.Consolidator` ``key_fn``)."""
+    def _pool_one(self, hidden, query: bool) -> np.ndarray:
+        """One sequence's hidden states (n, d) (numpy or tensor) -> (1, dim) float32."""
         h = torch.as_tensor(np.asarray(hidden), dtype=self.key_proj.dtype)[None]
-        return self.pool(h).squeeze(0).float().numpy()
+        return self.pool(h, query=query).float().numpy()
 
-    @torch.no_grad()
+    def key_numpy(self, hidden) -> np.ndarray:
+        """One chunk's hidden states (n, d) -> its key (dim,) float32 (a
+        :class:`~hiermem.models.hmst.consolidation.Consolidator` ``key_fn``)."""
+        return self._pool_one(hidden, query=False)[0]
+
     def query_numpy(self, hidden) -> np.ndarray:
         """A question's hidden states (n, d) -> its query (1, dim) float32 for ``SemanticStore.search``."""
-        h = torch.as_tensor(np.asarray(hidden), dtype=self.query_proj.dtype)[None]
-        return self.pool(h, query=True).float().numpy()
+        return self._pool_one(hidden, query=True)
 
 
 def _padded(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

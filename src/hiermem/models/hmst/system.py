@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hiermem.data.facts import UNKNOWN
 from hiermem.errors import CheckpointError, ConfigError
 from hiermem.evaluation.loading import tokenize
 from hiermem.io import atomic_write_json, dataclass_from_dict, load_tensors, read_json, save_tensors
@@ -46,7 +47,6 @@ from hiermem.models.base import copy_checked, weights_digest
 from hiermem.models.hmst.consolidation import ConsolidationPolicy, Consolidator
 from hiermem.models.hmst.controller import GATES, step_features
 
-UNKNOWN = "unknown"
 SYSTEM_CONFIG, SYSTEM_WEIGHTS = "hmst_system.json", "hmst_system.safetensors"
 CRITIC_EXTRA = 4  # retrieval score, semantic used, answer mean log-probability, answered unknown
 
@@ -92,6 +92,11 @@ class Answer:
     critic_features: torch.Tensor | None = None  # (F + CRITIC_EXTRA,)
 
 
+def newline_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the tokens whose text ends in a newline (chunk boundaries, the end of an answer)."""
+    return tuple(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\n"))
+
+
 def all_gates(open_: bool = True) -> dict:
     return {g: open_ for g in GATES}
 
@@ -105,7 +110,7 @@ class HMSTSystem:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.retriever, self.controller, self.critic = retriever, controller, critic
         self.config = config or SystemConfig()
-        self.newlines = tuple(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\n"))
+        self.newlines = newline_ids(tokenizer)
         if not self.newlines:
             raise ConfigError("the tokenizer has no token ending in a newline: answers could not end")
         self.feature_dim = model.config.hidden_size + 3
@@ -127,22 +132,23 @@ class HMSTSystem:
         self.read_ids(session, ids, call_tokens)
 
     @torch.no_grad()
-    def read_ids(self, session: Session, ids: torch.Tensor, call_tokens: int = 256) -> None:
+    def read_ids(self, session: Session, ids: torch.Tensor, call_tokens: int = 256) -> torch.Tensor:
+        """Read ids (1, T) into the session; returns their final hidden states (T, d)."""
+        hidden = []
         for a in range(0, ids.shape[1], call_tokens):
             out = self.model(ids[:, a:a + call_tokens], state=session.state, return_logits=False, return_hidden=True)
             session.state = out.state
             session.consolidator.observe(ids[0, a:a + call_tokens], out.hidden[0])
+            hidden.append(out.hidden[0])
         session.tokens += ids.shape[1]
         session.consolidator.flush()
+        return torch.cat(hidden)
 
     # --- answering --------------------------------------------------------------------------
-    def question_ids(self, question: str) -> torch.Tensor:
-        return torch.tensor([tokenize(self.tokenizer, "\n" + question)])
-
     @torch.no_grad()
     def probe(self, session: Session, question: str):
         """Read the question after the session: (output, question ids, controller features (1, F))."""
-        q = self.question_ids(question)
+        q = torch.tensor([tokenize(self.tokenizer, "\n" + question)])
         out = self.model(q, state=session.state, return_logits=False, return_hidden=True)
         fill = len(session.store) / self.config.store_capacity
         feats = step_features(out.hidden.mean(1), out.last_logits, session.tokens, self.config.max_position, fill)
@@ -170,7 +176,8 @@ class HMSTSystem:
                      else out.hidden[0].mean(0, keepdim=True).float().numpy())
             hits = sorted(session.store.search(query, c.retrieve_k)[0], key=lambda h: h.payload["start"])
             score = max(h.score for h in hits)
-            ctx = torch.from_numpy(np.concatenate([np.asarray(h.payload["tokens"], dtype=np.int64) for h in hits]))[None]
+            ctx = np.concatenate([np.asarray(h.payload["tokens"], dtype=np.int64) for h in hits])
+            ctx = torch.from_numpy(ctx)[None]
             ids = torch.cat([ctx, q], dim=1)
             res = m(ids, state=session.state, return_logits=False, **kw)
             state, logits = res.state, res.last_logits
@@ -196,7 +203,7 @@ class HMSTSystem:
             p_wrong = float(self.critic.p_wrong(crit_feats)[0])
             confidence = 1.0 - p_wrong
             abstained = p_wrong > self.critic.config.abstain_threshold and text != UNKNOWN
-            flops += sum(p.numel() for p in self.critic.parameters())
+            flops += self.critic.multiply_adds()
         return Answer(UNKNOWN if abstained else text, abstained, g, confidence, p_wrong, score,
                       [h.payload for h in hits], flops, latency, feats[0], crit_feats[0])
 
@@ -206,7 +213,7 @@ class HMSTSystem:
         c = self.config
         probe = self.model(torch.zeros(1, 1, dtype=torch.long), return_logits=False)
         tokens = c.retrieve_k * c.chunk_tokens + question_tokens + c.max_answer_tokens
-        critic = sum(p.numel() for p in self.critic.parameters()) if self.critic is not None else 0
+        critic = self.critic.multiply_adds() if self.critic is not None else 0
         return probe.compute["flops_per_token"] * tokens + critic, 1.0 + c.max_answer_tokens
 
     # --- files ------------------------------------------------------------------------------
